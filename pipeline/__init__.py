@@ -1,0 +1,3 @@
+"""vlmq: distributed post-training quantization of vision-language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,18 @@
+"""The numerics: pure torch, no Ray, no file I/O. One file per method; this registry maps names."""
+
+from __future__ import annotations
+
+from .rtn import search_rtn
+from .types import SearchFn
+
+# method name -> search function. Methods register here as they land (awq, mbq, smoothquant, qvlm, ...).
+SEARCHES: dict[str, SearchFn] = {
+    "rtn": search_rtn,
+}
+
+
+def get_search(method: str) -> SearchFn:
+    try:
+        return SEARCHES[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(SEARCHES)}") from None
