@@ -11,6 +11,14 @@ SEARCHES: dict[str, SearchFn] = {
 }
 
 
+# methods that search on captured fp activations (all but RTN)
+_NO_CALIB = {"rtn"}
+
+
+def needs_calibration(method: str) -> bool:
+    return method not in _NO_CALIB
+
+
 def get_search(method: str) -> SearchFn:
     try:
         return SEARCHES[method]

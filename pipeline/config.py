@@ -1,0 +1,256 @@
+"""One typed, validated description of a quantize job: YAML <-> ``JobSpec`` <-> CLI flags.
+
+Validation happens here, once, before any model work: unknown keys (with the nearest valid key),
+impossible bit widths, option combinations that make no sense. Checks that need the model's
+``config.json`` (architecture, group-size divisibility) live in ``check_job`` in
+``pipeline.distributed.job`` so this module stays importable without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import VlmqError, nearest
+
+WBITS = (2, 3, 4, 8)
+ABITS = (16, 8, 6, 4)  # 8: real W4A8; 6 and 4: fake-quant evaluation only (Q-VLM settings)
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "awq", "mbq", "smoothquant", "qvlm", "qvlm+mbq")
+
+
+@dataclass
+class CalibSpec:
+    """Where calibration samples come from."""
+
+    source: str = "builtin"  # builtin | file.parquet | file.jsonl | datasets folder
+    num_samples: int = 128  # MBQ's paper: 128 image-caption pairs
+    seed: int = 42
+    mode: str = "caption"  # builtin only: caption | qa | mixed
+    image_dir: str | None = None  # JSONL: folder images are relative to (default: the JSONL's folder)
+    holdout: int = 8  # extra held-out samples for fidelity (KL, top-1) and validation
+    max_length: int | None = None  # truncate longer samples (tokens)
+
+
+@dataclass
+class QuantRecipe:
+    """What to compute. Method-specific options are ignored by methods that don't use them."""
+
+    method: str = "rtn"
+    wbits: int = 4
+    abits: int = 16
+    group_size: int | None = 128  # None: per output channel
+    sym: bool = False
+    # AWQ / MBQ
+    clip: bool = True
+    loss: str = "mae"  # mbq: mae | mse
+    sensitivity_floor: str = "median"  # mbq: median | none
+    grid: int = 20
+    # Q-VLM
+    partition: str = "entropy"  # entropy | dependency | fixed
+    p: float = 0.5
+    max_block_layers: int = 3
+    iters: int = 200
+    lr: float = 1e-3
+    batch_size: int = 4
+    veo: bool = False
+
+    @property
+    def label(self) -> str:
+        g = "ch" if self.group_size is None else f"g{self.group_size}"
+        a = f"A{self.abits}" if self.abits < 16 else ""
+        return f"{self.method} W{self.wbits}{a} {g}{' sym' if self.sym else ''}"
+
+
+@dataclass
+class Resources:
+    """Where it runs. Defaults: a local Ray instance using every visible CPU/GPU."""
+
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local instance
+    num_gpus: int | None = None  # None: all visible
+    num_cpus: int | None = None
+    search_workers: int | None = None  # None: one per GPU, else one per 1-2 CPUs
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (compute dtype of the fp model)
+    store: str | None = None  # activation store root (dir or pyarrow URI); default <work_dir>/acts
+    store_max_gb: float | None = None  # backpressure budget for the store
+
+
+@dataclass
+class JobSpec:
+    model: str  # a model folder, "builtin", or "synthetic:NAME"
+    out: str
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    recipe: QuantRecipe = field(default_factory=QuantRecipe)
+    resources: Resources = field(default_factory=Resources)
+    overwrite: bool = False
+    resume: bool = False
+    work_dir: str | None = None  # default: <out>.work beside the output
+    keep_work: bool = False
+    allow_pickle: bool = False  # load .bin/.pt weights (pickles); off by default
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(str(Path(self.out)) + ".work")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass with exact errors
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "channel")
+                             and type(None) in typing.get_args(tp)):
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise VlmqError(f"'{where}' must be a mapping, got {type(value).__name__}",
+                            f"write '{where}:' followed by indented keys")
+        return _from_dict(tp, value, where + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise VlmqError(f"'{where}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise VlmqError(f"'{where}' must be a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise VlmqError(f"'{where}' must be a number, got {value!r}") from None
+        if tp is int and float(value) != out:
+            raise VlmqError(f"'{where}' must be a whole number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise VlmqError(f"'{where}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            guess = nearest(str(key), names)
+            hint = f"did you mean '{prefix}{guess}'?" if guess else f"valid keys: {', '.join(names)}"
+            raise VlmqError(f"unknown key '{prefix}{key}' in the job spec", hint)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in kwargs]
+    if missing:
+        raise VlmqError(f"the job spec has no '{prefix}{missing[0]}'",
+                        f"add '{prefix}{missing[0]}: ...' to the YAML or pass --{missing[0].replace('_', '-')}")
+    return cls(**kwargs)
+
+
+def spec_from_dict(data: dict[str, Any]) -> JobSpec:
+    """Build and validate a JobSpec from a nested dict (parsed YAML plus CLI overrides)."""
+    spec = _from_dict(JobSpec, data)
+    validate_spec(spec, explicit=data)
+    return spec
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise VlmqError(f"job file {p} does not exist", "check the path, or pass flags instead of a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VlmqError(f"job file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise VlmqError(f"job file {p} must be a mapping of keys (model:, out:, recipe:, ...)")
+    return data
+
+
+def dump_yaml(spec: JobSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` (CLI flags) into ``base`` (YAML)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _choice(value: Any, choices: tuple, what: str, fix: str | None = None) -> None:
+    if value not in choices:
+        raise VlmqError(f"{what} {value!r} is not supported (choose from {', '.join(map(str, choices))})", fix)
+
+
+def validate_spec(spec: JobSpec, explicit: dict[str, Any] | None = None) -> None:
+    """Model-independent checks. ``explicit`` is the raw input, to tell defaults from choices."""
+    r = spec.recipe
+    given = (explicit or {}).get("recipe", {}) or {}
+    _choice(r.method, METHODS, "method")
+    _choice(r.wbits, WBITS, "--wbits", "use one of 2, 3, 4, 8")
+    _choice(r.abits, ABITS, "--abits", "use 16 (weight-only) or 8 (W4A8)")
+    if r.group_size is not None:
+        _choice(r.group_size, GROUP_SIZES, "--group-size", "use 32, 64, 128 or 'channel'")
+    if r.abits < 16:
+        if r.abits in (6, 4) and not r.method.startswith("qvlm"):
+            raise VlmqError(f"--abits {r.abits} is a fake-quant evaluation setting of Q-VLM only",
+                            "use --abits 8 (W4A8) or --method qvlm")
+        if r.abits == 8 and r.wbits != 4:
+            raise VlmqError(f"--abits 8 needs --wbits 4 (W4A8), got --wbits {r.wbits}", "pass --wbits 4")
+        # W4A8 weights are per-channel symmetric int4 (METHODS.md §4).
+        if "group_size" in given and given["group_size"] not in (None, "channel", "none"):
+            raise VlmqError("W4A8 quantizes weights per output channel; --group-size does not apply",
+                            "drop --group-size (or pass --group-size channel)")
+        if "sym" in given and not r.sym:
+            raise VlmqError("W4A8 weights are symmetric int4; --no-sym does not apply", "drop --no-sym")
+        r.group_size = None
+        r.sym = True
+    if r.method == "smoothquant" and r.abits != 8:
+        raise VlmqError("smoothquant is the W4A8 baseline", "pass --wbits 4 --abits 8")
+    _choice(r.loss, ("mae", "mse"), "--loss")
+    _choice(r.sensitivity_floor, ("median", "none"), "--sensitivity-floor")
+    _choice(r.partition, ("entropy", "dependency", "fixed"), "--partition")
+    if not 0.0 <= r.p <= 1.0:
+        raise VlmqError(f"--p must be a quantile in [0, 1], got {r.p}")
+    for name in ("max_block_layers", "iters", "batch_size", "grid"):
+        if getattr(r, name) < 1:
+            raise VlmqError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(r, name)}")
+    if r.lr <= 0:
+        raise VlmqError(f"--lr must be positive, got {r.lr}")
+    c = spec.calib
+    if c.num_samples < 1:
+        raise VlmqError(f"--num-samples must be >= 1, got {c.num_samples}")
+    if c.holdout < 0:
+        raise VlmqError(f"--holdout must be >= 0, got {c.holdout}")
+    _choice(c.mode, ("caption", "qa", "mixed"), "calib.mode")
+    res = spec.resources
+    _choice(res.device, ("auto", "cpu", "cuda"), "--device")
+    _choice(res.dtype, ("auto", "float16", "bfloat16", "float32"), "--dtype")
+    if not spec.out:
+        raise VlmqError("no output directory given", "pass --out DIR")

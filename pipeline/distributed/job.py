@@ -1,0 +1,201 @@
+"""A quantize job end to end: check -> calibration table -> capture -> search -> gather -> validate.
+
+The seams are explicit so the scale-out work can replace one stage at a time: the capture
+worker streams layer inputs into the activation store, blocks are independent Ray tasks that
+write part files, and the gather reads part files only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import JobSpec
+from ..errors import VlmqError
+from .context import JobContext
+from .progress import JobView
+
+
+@dataclass
+class Prepared:
+    """Everything learned from cheap checks, before any model work."""
+
+    model_ref: str
+    family: str
+    config: dict[str, Any]
+    num_layers: int
+    compute_dtype: str
+    storage_dtype: str
+    device: str
+
+
+@dataclass
+class JobResult:
+    out: Path
+    report: dict[str, Any]
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def _pick_device(want: str) -> str:
+    import torch
+
+    if want == "cuda" and not torch.cuda.is_available():
+        raise VlmqError("--device cuda was asked for but no CUDA GPU is visible", "drop --device or pass --device cpu")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def _dtypes(config: dict[str, Any], want: str, device: str) -> tuple[str, str]:
+    """(compute dtype, storage dtype). Storage follows the model's own 16-bit dtype; compute is
+    that dtype on GPU and float32 on CPU (CPU half-precision matmuls are slow and inexact)."""
+    text = config.get("text_config") or {}
+    declared = str(config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
+                   or text.get("dtype") or "float16").replace("torch.", "")
+    storage = declared if declared in ("float16", "bfloat16") else "float16"
+    if want != "auto":
+        compute = want
+    else:
+        compute = storage if device == "cuda" else "float32"
+    return compute, storage
+
+
+def check_job(spec: JobSpec) -> Prepared:
+    """Every check that can fail on user input, before Ray, before any model is built."""
+    from ..data.sources import check_calib_source
+    from ..models import detect_adapter
+    from ..models.loading import check_group_size
+    from .models import open_model_source, resolve_model
+
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise VlmqError(f"output path {out} exists and is a file", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (spec.overwrite or spec.resume):
+        raise VlmqError(f"output directory {out} is not empty",
+                        "pass --overwrite to replace it, --resume to continue a job there, or choose another --out")
+    check_calib_source(spec.calib)
+    model_ref = resolve_model(spec.model, spec.work_path)
+    source = open_model_source(model_ref, spec.allow_pickle)  # validates every safetensors header
+    config = source.config_dict
+    adapter = detect_adapter(config)
+    if spec.recipe.group_size is not None:
+        check_group_size(config, adapter, spec.recipe.group_size)
+    device = _pick_device(spec.resources.device)
+    compute, storage = _dtypes(config, spec.resources.dtype, device)
+    n_layers = _num_layers(config, adapter)
+    return Prepared(model_ref, adapter.family, config, n_layers, compute, storage, device)
+
+
+def _num_layers(config: dict[str, Any], adapter: Any) -> int:
+    text = config.get(adapter.text_config_attr) or config
+    return int(text["num_hidden_layers"])
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
+    """Run a whole job. Raises VlmqError on bad input before any expensive work."""
+    view = view or JobView()
+    stages: dict[str, float] = {}
+    with _stage(stages, "check"):
+        prep = check_job(spec)
+    work = spec.work_path
+    work.mkdir(parents=True, exist_ok=True)
+    view.info(f"model {prep.model_ref} ({prep.family}, {prep.num_layers} decoder layers); "
+              f"recipe {spec.recipe.label}; device {prep.device}; compute {prep.compute_dtype}")
+
+    with _stage(stages, "calibration data"):
+        table_path, holdout_path, data_report = build_tables(spec, prep, work)
+    view.info(f"calibration: {data_report['usable']} usable rows, {data_report['skipped_total']} skipped "
+              f"{data_report['skipped'] or ''}")
+
+    from .runtime import init_ray, shutdown_ray
+
+    with _stage(stages, "ray start"):
+        ray_ctx = init_ray(spec.resources)
+    try:
+        ctx = JobContext(
+            model=prep.model_ref, family=prep.family, recipe=spec.recipe, work_dir=str(work),
+            store_root=spec.resources.store or str(work / "acts"), compute_dtype=prep.compute_dtype,
+            storage_dtype=prep.storage_dtype, allow_pickle=spec.allow_pickle,
+            store_max_bytes=int(spec.resources.store_max_gb * 2**30) if spec.resources.store_max_gb else None,
+        )
+        Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
+        from ..quant import needs_calibration
+        from .stages import gather, reference, run_capture, run_search
+
+        if needs_calibration(spec.recipe.method):
+            with _stage(stages, "capture"):
+                run_capture(ctx, ray_ctx, table_path, prep.num_layers, view)
+        with _stage(stages, "search"):
+            block_summaries = run_search(ctx, ray_ctx, prep.num_layers, view)
+        with _stage(stages, "reference + fidelity"):
+            ref = reference(ctx, ray_ctx, holdout_path, view)
+        report = {
+            "spec": spec.to_dict(),
+            "model": prep.model_ref,
+            "family": prep.family,
+            "data": data_report,
+            "blocks": block_summaries,
+            "fidelity": ref["fidelity"],
+            "stages_s": stages,
+        }
+        with _stage(stages, "gather"):
+            out = gather(ctx, spec, prep, ref, report, view)
+    finally:
+        shutdown_ray(ray_ctx)
+    with _stage(stages, "validate"):
+        from ..checkpoint.validate import validate_checkpoint
+
+        validation = validate_checkpoint(out)
+    result = JobResult(out=out, report=report, stages=stages)
+    report["validation"] = validation.to_dict() if hasattr(validation, "to_dict") else str(validation)
+    (work / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    if not validation.ok:
+        raise VlmqError(f"the checkpoint written to {out} failed validation:\n{validation}",
+                        "this is a bug in vlmq; please report it with the work directory " + str(work))
+    if not spec.keep_work:
+        shutil.rmtree(work / "acts", ignore_errors=True)
+    return result
+
+
+def build_tables(spec: JobSpec, prep: Prepared, work: Path) -> tuple[str, str, dict[str, Any]]:
+    """Calibration and held-out tables through the model's own processor (driver-side, no model)."""
+    from transformers import AutoProcessor
+
+    from ..data.collate import build_calibration_table, save_table, split_holdout
+    from ..data.sources import open_calib_source
+    from ..models import ADAPTERS
+
+    adapter = ADAPTERS[prep.family]
+    processor = AutoProcessor.from_pretrained(prep.model_ref)
+    c = spec.calib
+    rows = open_calib_source(c, n=c.num_samples + c.holdout)
+    vision_id = adapter.image_token_id(_config_obj(prep))
+    table, report = build_calibration_table(rows, processor, vision_id, max_rows=c.num_samples + c.holdout,
+                                            max_length=c.max_length)
+    calib, holdout = split_holdout(table, min(c.holdout, max(0, table.num_rows - 1)), c.seed)
+    tpath, hpath = work / "calib.arrow", work / "holdout.arrow"
+    save_table(calib, tpath)
+    save_table(holdout, hpath)
+    rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    rep.setdefault("usable", calib.num_rows + holdout.num_rows)
+    rep["calibration_rows"] = calib.num_rows
+    rep["holdout_rows"] = holdout.num_rows
+    return str(tpath), str(hpath), rep
+
+
+def _config_obj(prep: Prepared) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(prep.model_ref)

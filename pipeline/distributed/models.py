@@ -1,0 +1,48 @@
+"""Turning the user's ``--model`` into something every worker can open by itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import VlmqError
+from ..models.weights import WeightSource
+
+TINY_FALLBACK_FAMILY = "llava"
+
+
+def resolve_model(model: str, work_dir: Path) -> str:
+    """``builtin`` -> the shipped trained model (or, until it exists, a tiny random LLaVA
+    generated deterministically into ``work_dir``); paths are made absolute; ``synthetic:NAME``
+    passes through."""
+    if model.startswith("synthetic:"):
+        return model
+    if model == "builtin":
+        from ..models.builtin import BUILTIN_DIR, builtin_available
+
+        if builtin_available():
+            return str(Path(BUILTIN_DIR).resolve())
+        return str(tiny_builtin(work_dir))
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise VlmqError(f"model path {p} does not exist",
+                        "pass a folder with config.json and *.safetensors, or --model builtin")
+    return str(p.resolve())
+
+
+def tiny_builtin(work_dir: Path) -> Path:
+    from ..models.tiny import save_tiny
+
+    out = Path(work_dir) / "tiny-llava"
+    if not (out / "config.json").exists():
+        save_tiny(TINY_FALLBACK_FAMILY, out, seed=0)
+    return out
+
+
+def open_model_source(ref: str, allow_pickle: bool = False) -> WeightSource:
+    if ref.startswith("synthetic:"):
+        from ..models.synthetic import open_synthetic  # scale-out issue
+
+        return open_synthetic(ref.split(":", 1)[1])
+    from ..models.weights import open_source
+
+    return open_source(ref, allow_pickle=allow_pickle)
