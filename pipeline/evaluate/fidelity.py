@@ -31,3 +31,66 @@ def merge_fidelity(parts: list[dict[str, float]]) -> dict[str, float]:
         "top1": sum(p["top1"] * p["tokens"] for p in parts if p["tokens"]) / n,
         "tokens": n,
     }
+
+
+def prediction_masks(labels: torch.Tensor, vision_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masks over logit positions ``t`` (which predict token ``t + 1``).
+
+    ``answer``: the next token is an answer token; ``text``: the next token is any other
+    non-vision token (prompt, template) — plain text, not conditioned on being an answer.
+    """
+    T = labels.shape[0]
+    nxt_answer = torch.zeros(T, dtype=torch.bool)
+    nxt_text = torch.zeros(T, dtype=torch.bool)
+    nxt_answer[:-1] = labels[1:] != -100
+    nxt_text[:-1] = ~vision_mask[1:] & ~nxt_answer[:-1]
+    return {"answer": nxt_answer, "text": nxt_text}
+
+
+@torch.no_grad()
+def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_positions: int = 64) -> dict:
+    """fp logits, then fake-quant logits (``load_results() -> (quantized, replaced)`` applied to
+    the same model in place), on every row of a held-out calibration table.
+
+    Returns fidelity per mask and, per sample, the inputs and the fake-quant logits at up to
+    ``max_ref_positions`` answer positions: the reference a written checkpoint must reproduce.
+    """
+    from ..data.collate import row_to_model_inputs
+    from ..quant.apply import apply_fake_quant
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    rows = list(range(table.num_rows))
+    inputs, masks, fp_logits = [], [], []
+    for r in rows:
+        inp = row_to_model_inputs(table, r)
+        labels = torch.tensor(table.column("labels")[r].as_py())
+        vision = torch.tensor(table.column("vision_mask")[r].as_py(), dtype=torch.bool)
+        m = prediction_masks(labels, vision)
+        inputs.append(inp)
+        masks.append(m)
+        fp_logits.append(_logits(model, inp, device, dtype))
+    quantized, replaced = load_results()
+    apply_fake_quant(model, quantized, replaced)
+    per_mask: dict[str, list] = {"answer": [], "text": []}
+    ref_logits, ref_positions = [], []
+    for inp, m, fp in zip(inputs, masks, fp_logits):
+        q = _logits(model, inp, device, dtype)
+        for k in per_mask:
+            per_mask[k].append(logit_fidelity(fp, q, m[k]))
+        pos = torch.nonzero(m["answer"]).flatten()[:max_ref_positions]
+        if pos.numel() == 0:
+            pos = torch.arange(max(0, q.shape[0] - 4), q.shape[0])
+        ref_positions.append(pos)
+        ref_logits.append(q[pos].float())
+    return {
+        "fidelity": {k: merge_fidelity(v) for k, v in per_mask.items()},
+        "inputs": inputs,
+        "ref_positions": ref_positions,
+        "ref_logits": ref_logits,
+    }
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device, dtype) -> torch.Tensor:
+    moved = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    return model(**moved, use_cache=False).logits[0].float().cpu()

@@ -1,0 +1,43 @@
+"""The shard planner: contiguous, balanced, and honest about what does not fit."""
+
+import itertools
+
+import pytest
+
+from pipeline.distributed.planner import GIB, plan_shards
+from pipeline.errors import VlmqError
+
+
+def _best_max(layer_bytes, k, first, last):
+    """Brute force over all contiguous splits into <= k parts."""
+    n = len(layer_bytes)
+    best = None
+    for parts in range(1, k + 1):
+        for cuts in itertools.combinations(range(1, n), parts - 1):
+            bounds = (0, *cuts, n)
+            sizes = [sum(layer_bytes[a:b]) for a, b in zip(bounds, bounds[1:])]
+            sizes[0] += first
+            sizes[-1] += last
+            m = max(sizes)
+            best = m if best is None else min(best, m)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_is_optimal_and_contiguous(seed):
+    import random
+
+    rng = random.Random(seed)
+    layers = [rng.randint(1, 9) * GIB // 8 for _ in range(9)]
+    first, last = rng.randint(0, 5) * GIB // 8, rng.randint(0, 5) * GIB // 8
+    plan = plan_shards(layers, 3, 100 * GIB, first_extra=first, last_extra=last)
+    flat = [i for a, b in plan.ranges for i in range(a, b)]
+    assert flat == list(range(9))
+    assert max(plan.shard_bytes) == _best_max(layers, 3, first, last)
+    assert sum(plan.shard_bytes) == sum(layers) + first + last
+
+
+def test_too_big_names_the_fix():
+    with pytest.raises(VlmqError) as e:
+        plan_shards([10 * GIB] * 8, 2, 24 * GIB)
+    assert "does not fit" in e.value.problem and "--gpus" in e.value.fix
