@@ -102,9 +102,10 @@ def compute_qparams(
 
 
 def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round to storage dtype without letting a scale underflow to 0 (fp16 subnormals)."""
-    tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else _SCALE_FLOOR
-    return scale.clamp(min=tiny).to(dtype)
+    """Round to storage dtype without letting a scale underflow to 0 (fp16 has subnormals
+    down to 2^-24, well above the fp32 floor)."""
+    fi = torch.finfo(dtype)
+    return scale.clamp(min=fi.smallest_normal * fi.eps).to(dtype)
 
 
 def quantize(
