@@ -37,6 +37,7 @@ class VLMAdapter:
     lm_head_path: str
     vision_paths: tuple[str, ...]  # vision tower + projector: never quantized by default
     image_token_attr: str  # config attribute with the id of the (expanded) image token
+    projector_path: str = ""  # the part of ``vision_paths`` that maps vision features into the LM
     text_config_attr: str = "text_config"
     linear_groups: tuple[LinearGroup, ...] = LLAMA_LIKE_GROUPS
     # Regex rewrites from on-disk checkpoint keys (any historical layout) to module names.
@@ -66,3 +67,15 @@ class VLMAdapter:
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}."
+
+    def layer_index(self, module_name: str) -> int | None:
+        """The decoder-layer index a module/tensor name belongs to, or None outside the decoder layers."""
+        prefix = self.layers_path + "."
+        if not module_name.startswith(prefix):
+            return None
+        head = module_name[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def is_vision(self, module_name: str) -> bool:
+        """True for tensors of the vision tower or projector (kept in 16-bit by default)."""
+        return any(module_name == p or module_name.startswith(p + ".") for p in self.vision_paths)

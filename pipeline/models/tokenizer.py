@@ -5,7 +5,7 @@ Byte-level, so any text round-trips even outside the training corpus.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -18,12 +18,19 @@ def build_tokenizer(
     vocab_size: int = 512,
     extra_special_tokens: Sequence[str] = (),
     model_max_length: int = 4096,
+    named_special_tokens: Mapping[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it as a transformers fast tokenizer.
 
     ``extra_special_tokens`` (image tokens, chat markers) get ids right after the base specials,
-    so they are stable for a given list regardless of the corpus.
+    so they are stable for a given list regardless of the corpus. ``named_special_tokens`` become
+    tokenizer attributes (``tok.image_token``, ``tok.image_token_id``), which some processors read
+    (InternVL's ``start_image_token``...); their values are added to the specials if missing.
     """
+    named = dict(named_special_tokens or {})
+    extra_special_tokens = list(extra_special_tokens) + [
+        t for t in named.values() if t not in extra_special_tokens
+    ]
     specials = list(BASE_SPECIAL_TOKENS) + [t for t in extra_special_tokens if t not in BASE_SPECIAL_TOKENS]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -43,6 +50,7 @@ def build_tokenizer(
         pad_token="<pad>",
         unk_token="<unk>",
         model_max_length=model_max_length,
+        **({"extra_special_tokens": named} if named else {}),
     )
     extra = [t for t in extra_special_tokens if t not in BASE_SPECIAL_TOKENS]
     if extra:
