@@ -61,7 +61,7 @@ class DataReport:
 
     requested: int
     seen: int = 0
-    used: int = 0
+    usable: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "id: detail"
     tokens: int = 0
@@ -78,7 +78,8 @@ class DataReport:
         return {
             "requested": self.requested,
             "seen": self.seen,
-            "used": self.used,
+            "usable": self.usable,
+            "skipped_total": sum(self.skipped.values()),
             "skipped": dict(self.skipped),
             "examples": {k: list(v) for k, v in self.examples.items()},
             "tokens": self.tokens,
@@ -89,7 +90,7 @@ class DataReport:
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
         return (
-            f"{self.used}/{self.requested} calibration rows used ({self.seen} seen; skipped: {skipped}); "
+            f"{self.usable}/{self.requested} calibration rows used ({self.seen} seen; skipped: {skipped}); "
             f"{self.tokens} tokens, {self.vision_tokens} vision, {self.answer_tokens} answer"
         )
 
@@ -209,7 +210,7 @@ def build_calibration_table(
         progress.start()
     try:
         for row in rows:
-            if report.used >= max_rows:
+            if report.usable >= max_rows:
                 break
             report.seen += 1
             if row.reason is not None:
@@ -236,16 +237,16 @@ def build_calibration_table(
             cols["vision_mask"].append(vis.numpy())
             cols["model_inputs"].append(st_save(enc.extra) if enc.extra else b"")
             cols["text"].append(enc.text)
-            report.used += 1
+            report.usable += 1
             report.tokens += n
             report.vision_tokens += int(vis.sum())
             report.answer_tokens += int((enc.labels != IGNORE_INDEX).sum())
             if progress:
-                progress.update(task, completed=report.used)
+                progress.update(task, completed=report.usable)
     finally:
         if progress:
             progress.stop()
-    if report.used == 0:
+    if report.usable == 0:
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(report.skipped.items())) or "the source offered none"
         examples = "; ".join(f"{r}: {', '.join(ex)}" for r, ex in report.examples.items())
         raise VlmqError(

@@ -12,20 +12,22 @@ Accepted ``--calib`` strings
   calibration) pairs each image with a describe-the-image prompt and its caption; ``qa`` uses the
   question and answer; ``mixed`` alternates (even row ids caption, odd row ids qa).
 - ``PATH.parquet``: one row per sample.
-- ``PATH.jsonl``: one JSON object per line (blank lines ignored). Image paths are relative to the
-  image folder: ``image_root=`` if given, else the folder holding the ``.jsonl`` file.
+- ``PATH.jsonl``: one JSON object per line (blank lines ignored; a line that is not a JSON object
+  is an unusable row).
 - ``DIR`` saved with ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``: ``split=`` picks
   one, default ``train`` or the only split).
+- Image paths in any format are relative to the image folder: ``image_root=`` (``--image-dir``)
+  if given, else the folder holding the ``.parquet`` / ``.jsonl`` file, or the datasets folder.
 - A ``file://`` prefix is accepted for local paths.
 
 Accepted schema (Parquet columns, JSONL keys, datasets features)
 ----------------------------------------------------------------
-- image, required, the first present of:
+- image, required; per row the first non-empty of:
     - ``image``: encoded image bytes (PNG/JPEG/...); or a struct/dict ``{"bytes": ..., "path": ...}``
       (the Hugging Face ``Image`` feature; ``bytes`` wins when both are set); or a string path
       (absolute, or relative to the image folder); or a decoded ``datasets`` image;
     - ``image_path``: a string path, as above.
-- text, one of:
+- text, one of (per row the first non-empty of each pair wins):
     - ``prompt`` or ``question`` (the user turn) and ``answer`` or ``caption`` (the assistant turn);
     - ``caption`` (or ``answer``) alone: the prompt defaults to :data:`CAPTION_PROMPT`;
     - ``conversations``: a LLaVA / ShareGPT4V list ``[{"from": "human", "value": ...},
@@ -104,15 +106,15 @@ class CalibRow:
 
 @dataclass(frozen=True)
 class Columns:
-    """Which source column plays which role."""
+    """Which source columns play which role; per row, the first non-empty one of a role wins."""
 
-    image: str
-    prompt: str | None  # None: prompt is CAPTION_PROMPT (caption-only) or comes from conversations
-    answer: str | None  # None: conversations
+    image: tuple[str, ...]
+    prompt: tuple[str, ...]  # empty: prompt is CAPTION_PROMPT (caption-only) or from conversations
+    answer: tuple[str, ...]  # empty: conversations
     conversations: str | None = None
 
     def needed(self) -> list[str]:
-        return [c for c in (self.image, self.prompt, self.answer, self.conversations) if c]
+        return [*self.image, *self.prompt, *self.answer, *([self.conversations] if self.conversations else [])]
 
 
 @dataclass(frozen=True)
@@ -162,9 +164,18 @@ class CalibSource:
         if cols.conversations:
             prompt, answer = _from_conversations(rec.get(cols.conversations))
         else:
-            prompt = CAPTION_PROMPT if cols.prompt is None else rec.get(cols.prompt)
-            answer = rec.get(cols.answer) if cols.answer else None
-        return make_row(rid, rec.get(cols.image), prompt, answer, self.image_root)
+            prompt = _first(rec, cols.prompt) if cols.prompt else CAPTION_PROMPT
+            answer = _first(rec, cols.answer)
+        return make_row(rid, _first(rec, cols.image), prompt, answer, self.image_root)
+
+
+def _first(rec: dict[str, Any], names: Sequence[str]) -> Any:
+    """The first value among ``names`` that is not None or blank (JSONL records may differ in keys)."""
+    for n in names:
+        v = rec.get(n)
+        if v is not None and not (isinstance(v, str) and not v.strip()):
+            return v
+    return None
 
 
 def clean_text(value: Any) -> str:
@@ -240,15 +251,15 @@ def resolve_columns(names: Sequence[str], location: str) -> Columns:
     """Map a source's column names to roles, or say exactly what is missing."""
     names = list(names)
     found = ", ".join(names) if names else "none"
-    image = next((c for c in IMAGE_COLUMNS if c in names), None)
-    if image is None:
+    image = tuple(c for c in IMAGE_COLUMNS if c in names)
+    if not image:
         raise VlmqError(f"calibration source {location} has no image column (columns: {found})", SCHEMA_HELP)
-    prompt = next((c for c in PROMPT_COLUMNS if c in names), None)
-    answer = next((c for c in ANSWER_COLUMNS if c in names), None)
-    if answer is not None:
+    prompt = tuple(c for c in PROMPT_COLUMNS if c in names)
+    answer = tuple(c for c in ANSWER_COLUMNS if c in names)
+    if answer:
         return Columns(image, prompt, answer)
     if CONVERSATION_COLUMN in names:
-        return Columns(image, None, None, CONVERSATION_COLUMN)
+        return Columns(image, (), (), CONVERSATION_COLUMN)
     raise VlmqError(
         f"calibration source {location} has no answer/caption column (columns: {found})", SCHEMA_HELP
     )
@@ -359,9 +370,10 @@ class DatasetsSource(CalibSource):
                 )
             ds = ds[split]
         cols = resolve_columns(list(ds.column_names), str(path))
-        feat = ds.features.get(cols.image)
-        if isinstance(feat, datasets.Image) and feat.decode:
-            ds = ds.cast_column(cols.image, datasets.Image(decode=False))
+        for c in cols.image:
+            feat = ds.features.get(c)
+            if isinstance(feat, datasets.Image) and feat.decode:
+                ds = ds.cast_column(c, datasets.Image(decode=False))
         self._ds = ds.select_columns(cols.needed())
         info = SourceInfo("datasets", str(path), len(ds), cols, extra={"split": split})
         super().__init__(info, num_samples, seed, image_root or path)
@@ -413,30 +425,42 @@ def _local_path(spec: str) -> Path:
 
 
 def open_calib_source(
-    spec: str,
+    spec: str | Any,
     *,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    seed: int = DEFAULT_SEED,
+    num_samples: int | None = None,
+    seed: int | None = None,
     mode: str | None = None,
     image_root: str | os.PathLike | None = None,
     split: str | None = None,
 ) -> CalibSource:
     """Parse ``--calib`` and open the source, checking everything that needs no model.
 
-    Cheap: reads schemas, metadata and (for JSONL) the text lines, never images. ``mode`` applies
-    to ``builtin`` only (``builtin:MODE`` in the spec works too).
+    ``spec`` is the ``--calib`` string, or a ``CalibSpec``-like object (fields ``source``,
+    ``num_samples``, ``seed``, ``mode``, ``image_dir``, optional ``split``); keyword arguments
+    override its fields. Defaults: 128 samples, seed 42. Cheap: reads schemas, metadata and (for
+    JSONL) the text lines, never images. ``mode`` applies to ``builtin`` only (``builtin:MODE``
+    in the spec works too).
     """
+    if not isinstance(spec, str) and hasattr(spec, "source"):
+        num_samples = num_samples if num_samples is not None else getattr(spec, "num_samples", None)
+        seed = seed if seed is not None else getattr(spec, "seed", None)
+        mode = mode if mode is not None else getattr(spec, "mode", None)
+        image_root = image_root if image_root is not None else getattr(spec, "image_dir", None)
+        split = split if split is not None else getattr(spec, "split", None)
+        spec = spec.source
+    num_samples = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
+    seed = DEFAULT_SEED if seed is None else seed
     if not isinstance(spec, str) or not spec.strip():
         raise VlmqError("no calibration source given", SPEC_HELP)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise VlmqError(f"num_samples must be a positive integer, got {num_samples!r}", "use e.g. 128 (the MBQ paper's setting)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise VlmqError(f"seed must be an integer, got {seed!r}", "use e.g. 42 (the MBQ paper's setting)")
     spec = spec.strip()
     root = Path(image_root).expanduser() if image_root is not None else None
     if spec == "builtin" or spec.startswith("builtin:"):
         spec_mode = spec.partition(":")[2] or None
-        if spec_mode and mode and spec_mode != mode:
-            raise VlmqError(f"calibration mode given twice ({spec_mode!r} and {mode!r})", "give it once")
-        m = spec_mode or mode or "caption"
+        m = spec_mode or mode or "caption"  # the spec string wins over a mode field
         if m not in MODES:
             hint = nearest(m, MODES)
             raise VlmqError(f"unknown builtin calibration mode {m!r}", f"use one of {', '.join(MODES)}" + (f" (did you mean {hint!r}?)" if hint else ""))
@@ -460,6 +484,6 @@ def open_calib_source(
     return src
 
 
-def validate_calib_source(spec: str, **kwargs: Any) -> SourceInfo:
+def check_calib_source(spec: str | Any, **kwargs: Any) -> SourceInfo:
     """The model-free check the job runs first: raises VlmqError, or says what was found."""
     return open_calib_source(spec, **kwargs).info
