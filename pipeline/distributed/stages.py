@@ -93,7 +93,7 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str) -> dic
 
     from ..data.collate import load_table
 
-    return reference_outputs(model, load_table(holdout_path), load_parts)
+    return reference_outputs(model, load_table(holdout_path), load_parts, act_bits=ctx.recipe.abits)
 
 
 def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: JobView) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def prediction_masks(labels: torch.Tensor, vision_mask: torch.Tensor) -> dict[st
 
 
 @torch.no_grad()
-def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_positions: int = 64) -> dict:
+def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_positions: int = 64,
+                      act_bits: int = 16) -> dict:
     """fp logits, then fake-quant logits (``load_results() -> (quantized, replaced)`` applied to
     the same model in place), on every row of a held-out calibration table.
 
@@ -71,7 +72,7 @@ def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_posit
         masks.append(m)
         fp_logits.append(_logits(model, inp, device, dtype))
     quantized, replaced = load_results()
-    apply_fake_quant(model, quantized, replaced)
+    apply_fake_quant(model, quantized, replaced, act_bits=act_bits)
     per_mask: dict[str, list] = {"answer": [], "text": []}
     ref_logits, ref_positions = [], []
     for inp, m, fp in zip(inputs, masks, fp_logits):
