@@ -50,15 +50,14 @@ def accuracy_before_after(model_dir: str, ckpt: str, n: int) -> dict[str, str] |
 
     if not builtin_available() or Path(model_dir).resolve() != Path(BUILTIN_DIR).resolve():
         return None
-    from transformers import AutoProcessor
-
     from .checkpoint.loader import load_quantized_model
     from .evaluate.vqa import evaluate_builtin_vqa
     from .models import detect_adapter
     from .models.loading import build_model
+    from .models.processors import load_processor
     from .models.weights import open_source
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     source = open_source(model_dir)
     t0 = time.perf_counter()
     fp = build_model(source, detect_adapter(source.config_dict))

@@ -39,26 +39,24 @@ class CaptureWorker:
         return len(self.layers)
 
     def capture_batch(self, table_path: str, rows: list[int]) -> dict[str, Any]:
-        from ..data.collate import load_table, row_to_model_inputs
+        from ..data.collate import load_table, row_masks, row_to_model_inputs
 
         t0 = time.perf_counter()
         table = load_table(table_path)
         for r in rows:
             sid = int(table.column("sample_id")[r].as_py())
             inputs = _to_device(row_to_model_inputs(table, r), self.device, self.ctx.torch_compute_dtype)
-            labels = torch.tensor(table.column("labels")[r].as_py())
-            vision = torch.tensor(table.column("vision_mask")[r].as_py(), dtype=torch.bool)
+            masks = row_masks(table, r)
 
             def on_input(i: int, hidden: torch.Tensor) -> None:
                 self.writers[i].append(sid, hidden.to("cpu"))
 
             kwargs = record_layer_inputs(self.model, self.layers, inputs, on_input)
             meta = {k: _cpu(v) for k, v in kwargs.items()}
-            meta["vision_mask"] = vision
-            meta["answer_mask"] = labels != -100
+            meta.update(masks)
             self.store.put_meta(sid, meta)
             self.stats["samples"] += 1
-            self.stats["tokens"] += int(labels.numel())
+            self.stats["tokens"] += int(masks["vision_mask"].numel())
         self.stats["seconds"] += time.perf_counter() - t0
         return dict(self.stats)
 

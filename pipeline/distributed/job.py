@@ -171,18 +171,17 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
 
 def build_tables(spec: JobSpec, prep: Prepared, work: Path) -> tuple[str, str, dict[str, Any]]:
     """Calibration and held-out tables through the model's own processor (driver-side, no model)."""
-    from transformers import AutoProcessor
-
     from ..data.collate import build_calibration_table, save_table, split_holdout
     from ..data.sources import open_calib_source
     from ..models import ADAPTERS
+    from ..models.processors import load_processor
 
     adapter = ADAPTERS[prep.family]
-    processor = AutoProcessor.from_pretrained(prep.model_ref)
+    processor = load_processor(prep.model_ref)
     c = spec.calib
-    rows = open_calib_source(c, n=c.num_samples + c.holdout)
+    source = open_calib_source(c, num_samples=c.num_samples + c.holdout)
     vision_id = adapter.image_token_id(_config_obj(prep))
-    table, report = build_calibration_table(rows, processor, vision_id, max_rows=c.num_samples + c.holdout,
+    table, report = build_calibration_table(source.rows(), processor, vision_id, max_rows=c.num_samples + c.holdout,
                                             max_length=c.max_length)
     calib, holdout = split_holdout(table, min(c.holdout, max(0, table.num_rows - 1)), c.seed)
     tpath, hpath = work / "calib.arrow", work / "holdout.arrow"

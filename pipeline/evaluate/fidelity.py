@@ -33,16 +33,16 @@ def merge_fidelity(parts: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def prediction_masks(labels: torch.Tensor, vision_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def prediction_masks(answer_mask: torch.Tensor, vision_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Masks over logit positions ``t`` (which predict token ``t + 1``).
 
     ``answer``: the next token is an answer token; ``text``: the next token is any other
     non-vision token (prompt, template) — plain text, not conditioned on being an answer.
     """
-    T = labels.shape[0]
+    T = answer_mask.shape[0]
     nxt_answer = torch.zeros(T, dtype=torch.bool)
     nxt_text = torch.zeros(T, dtype=torch.bool)
-    nxt_answer[:-1] = labels[1:] != -100
+    nxt_answer[:-1] = answer_mask[1:]
     nxt_text[:-1] = ~vision_mask[1:] & ~nxt_answer[:-1]
     return {"answer": nxt_answer, "text": nxt_text}
 
@@ -56,7 +56,7 @@ def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_posit
     Returns fidelity per mask and, per sample, the inputs and the fake-quant logits at up to
     ``max_ref_positions`` answer positions: the reference a written checkpoint must reproduce.
     """
-    from ..data.collate import row_to_model_inputs
+    from ..data.collate import row_masks, row_to_model_inputs
     from ..quant.apply import apply_fake_quant
 
     device = next(model.parameters()).device
@@ -65,9 +65,8 @@ def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_posit
     inputs, masks, fp_logits = [], [], []
     for r in rows:
         inp = row_to_model_inputs(table, r)
-        labels = torch.tensor(table.column("labels")[r].as_py())
-        vision = torch.tensor(table.column("vision_mask")[r].as_py(), dtype=torch.bool)
-        m = prediction_masks(labels, vision)
+        rm = row_masks(table, r)
+        m = prediction_masks(rm["answer_mask"], rm["vision_mask"])
         inputs.append(inp)
         masks.append(m)
         fp_logits.append(_logits(model, inp, device, dtype))
