@@ -339,11 +339,23 @@ def generate_range(split: str, start: int, stop: int, seed: int = 0) -> list[Sce
 
 
 def corpus_texts(n: int = 4000) -> list[str]:
-    """Every word the generator can produce, in questions, answers and captions (tokenizer training)."""
+    """Every word the generator can produce, in questions, answers and captions (tokenizer training).
+
+    Numbers appear digit by digit ("4 0 7 2"), so BPE learns no multi-digit merges and a number
+    always tokenizes as one token per digit: reading and adding stay learnable."""
     texts = []
     for i in range(n):
         s = _draw("train", 1_000_003, i, render_image=False)
-        texts += [s.question, s.answer, s.caption]
+        texts += [f"USER: {s.question} ASSISTANT: {s.answer}", s.caption]
     texts += [" ".join(COLOURS), " ".join(SHAPES), " ".join(PLURALS.values()), " ".join(POSITIONS)]
-    texts += [" ".join(str(k) for k in range(100)), "yes no", "USER: ASSISTANT:"]
-    return texts
+    texts += [" ".join(str(k) for k in range(10)), "yes no"]
+    return [_spaced_digits(t) for t in texts]
+
+
+def _spaced_digits(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch.isdigit() and out and out[-1].isdigit():
+            out.append(" ")
+        out.append(ch)
+    return "".join(out)
