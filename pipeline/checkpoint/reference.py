@@ -1,0 +1,64 @@
+"""The validation reference stored inside a checkpoint: held-out inputs + fake-quant logits.
+
+The quantize job computes the logits of its in-memory fake-quant model (search results
+applied before packing) on a few held-out samples and stores them with the exact model inputs
+in ``validation/reference.safetensors``. ``validate`` reloads the checkpoint from disk, runs
+the same inputs and must agree to fp rounding: that proves packing, writing and loading lost
+nothing. Call :func:`write_reference` from the writer's ``stage_hook`` so the file is hashed
+into the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+REFERENCE_PATH = "validation/reference.safetensors"
+_FORMAT = "vlmq-reference/1"
+
+
+def write_reference(
+    directory: str | os.PathLike, inputs: list[dict[str, torch.Tensor]], logits: list[torch.Tensor]
+) -> Path:
+    """Write ``directory/validation/reference.safetensors``. ``inputs[i]`` are ``model(**inputs[i])`` kwargs."""
+    if len(inputs) != len(logits) or not inputs:
+        raise ValueError(f"need one logits tensor per input sample, got {len(inputs)} inputs, {len(logits)} logits")
+    tensors: dict[str, torch.Tensor] = {}
+    names: list[list[str]] = []
+    for i, (inp, lg) in enumerate(zip(inputs, logits)):
+        keys = []
+        for k, v in inp.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"sample {i} input {k!r} is {type(v).__name__}, expected a tensor")
+            if "." in k:
+                raise ValueError(f"input name {k!r} must not contain '.'")
+            tensors[f"sample{i}.{k}"] = v.detach().cpu().contiguous()
+            keys.append(k)
+        tensors[f"sample{i}.logits"] = lg.detach().cpu().contiguous()
+        names.append(keys)
+    path = Path(directory) / REFERENCE_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", "vlmq_reference": _FORMAT, "inputs": json.dumps(names)})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return path
+
+
+def read_reference(ckpt_dir: str | os.PathLike) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]] | None:
+    """(inputs, logits) from a checkpoint, or None when it has no reference file."""
+    path = Path(ckpt_dir) / REFERENCE_PATH
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("vlmq_reference") != _FORMAT:
+            raise ValueError(f"{path} is not a vlmq reference file")
+        names = json.loads(meta["inputs"])
+        inputs = [{k: f.get_tensor(f"sample{i}.{k}") for k in keys} for i, keys in enumerate(names)]
+        logits = [f.get_tensor(f"sample{i}.logits") for i in range(len(names))]
+    return inputs, logits
