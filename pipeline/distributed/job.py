@@ -158,11 +158,14 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
         from ..checkpoint.validate import validate_checkpoint
 
         validation = validate_checkpoint(out)
+    from ..checkpoint.validate import format_report
+
     result = JobResult(out=out, report=report, stages=stages)
-    report["validation"] = validation.to_dict() if hasattr(validation, "to_dict") else str(validation)
+    report["validation"] = {"ok": validation.ok, "checks": [
+        {"name": c.name, "status": c.status, "message": c.message} for c in validation.checks]}
     (work / "result.json").write_text(json.dumps(report, indent=2, default=str))
     if not validation.ok:
-        raise VlmqError(f"the checkpoint written to {out} failed validation:\n{validation}",
+        raise VlmqError(f"the checkpoint written to {out} failed validation:\n{format_report(validation)}",
                         "this is a bug in vlmq; please report it with the work directory " + str(work))
     if not spec.keep_work:
         shutil.rmtree(work / "acts", ignore_errors=True)

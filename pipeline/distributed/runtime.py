@@ -26,7 +26,9 @@ def init_ray(res: Resources) -> RayContext:
     import ray
 
     address = res.address or os.environ.get("RAY_ADDRESS") or None
+    started = False
     if not ray.is_initialized():
+        started = True
         kwargs: dict = dict(ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True)
         if address:
             ray.init(address=address, **kwargs)
@@ -36,7 +38,7 @@ def init_ray(res: Resources) -> RayContext:
     total = ray.cluster_resources()
     num_gpus = int(total.get("GPU", 0)) if res.num_gpus is None else min(res.num_gpus, int(total.get("GPU", 0)))
     num_cpus = int(total.get("CPU", 1))
-    return RayContext(address=address, num_cpus=num_cpus, num_gpus=num_gpus, started_here=not address)
+    return RayContext(address=address, num_cpus=num_cpus, num_gpus=num_gpus, started_here=started)
 
 
 def shutdown_ray(ctx: RayContext | None) -> None:

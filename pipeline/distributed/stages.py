@@ -104,3 +104,45 @@ def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: Job
     view.info("reference outputs and fidelity on held-out samples")
     task = ray.remote(max_retries=MAX_RETRIES, **_placement(ray_ctx))(_reference_task)
     return ray.get(task.remote(ctx, part_paths(ctx), holdout_path))
+
+
+def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: dict[str, Any],
+           view: JobView) -> Path:
+    """Part files + untouched source tensors -> the checkpoint (streamed, manifest last).
+
+    The validation reference and the job report are written into the staging folder before the
+    manifest, so they are hashed with everything else.
+    """
+    import json
+
+    from ..checkpoint.parts import read_part_index
+    from ..checkpoint.reference import write_reference
+    from ..checkpoint.writer import write_checkpoint
+    from ..evaluate.summary import checkpoint_bytes
+    from .models import open_model_source
+
+    source = open_model_source(ctx.model, ctx.allow_pickle)
+    parts = part_paths(ctx)
+    quantized = [n for p in parts for n in read_part_index(p).schemes]
+    report["quantized_linears"] = len(quantized)
+    report["quantized_layers"] = len({n.rsplit(".", 2)[0] for n in quantized})
+    report["recipe_label"] = ctx.recipe.label
+    linear_bytes = sum(source.nbytes(f"{n}.weight") for n in quantized)
+    view.info(f"gather: {len(parts)} part files, {len(quantized)} quantized Linears")
+
+    def stage_hook(staging: Path) -> None:
+        write_reference(staging, ref["inputs"], ref["ref_logits"])
+        report["sizes"] = {
+            "before": sum(source.nbytes(k) for k in source.keys()),
+            "after": checkpoint_bytes(staging),
+            "quantized_linears_before": linear_bytes,
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+    recipe_info = dict(vars(ctx.recipe))
+    recipe_info["label"] = ctx.recipe.label
+    return write_checkpoint(
+        spec.out, source, parts, recipe_info=recipe_info,
+        act_bits=ctx.recipe.abits if ctx.recipe.abits < 16 else None,
+        stage_hook=stage_hook, overwrite=spec.overwrite or spec.resume,
+    )

@@ -48,45 +48,39 @@ def prediction_masks(answer_mask: torch.Tensor, vision_mask: torch.Tensor) -> di
 
 
 @torch.no_grad()
-def reference_outputs(model: torch.nn.Module, table, load_results, max_ref_positions: int = 64,
+def reference_outputs(model: torch.nn.Module, table, load_results, n_reference: int = 4,
                       act_bits: int = 16) -> dict:
     """fp logits, then fake-quant logits (``load_results() -> (quantized, replaced)`` applied to
     the same model in place), on every row of a held-out calibration table.
 
-    Returns fidelity per mask and, per sample, the inputs and the fake-quant logits at up to
-    ``max_ref_positions`` answer positions: the reference a written checkpoint must reproduce.
+    Returns fidelity per mask and, for the first ``n_reference`` samples, the inputs and the
+    fake-quant logits: the reference a written checkpoint must reproduce.
     """
     from ..data.collate import row_masks, row_to_model_inputs
     from ..quant.apply import apply_fake_quant
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    rows = list(range(table.num_rows))
     inputs, masks, fp_logits = [], [], []
-    for r in rows:
+    for r in range(table.num_rows):
         inp = row_to_model_inputs(table, r)
         rm = row_masks(table, r)
-        m = prediction_masks(rm["answer_mask"], rm["vision_mask"])
         inputs.append(inp)
-        masks.append(m)
+        masks.append(prediction_masks(rm["answer_mask"], rm["vision_mask"]))
         fp_logits.append(_logits(model, inp, device, dtype))
     quantized, replaced = load_results()
     apply_fake_quant(model, quantized, replaced, act_bits=act_bits)
     per_mask: dict[str, list] = {"answer": [], "text": []}
-    ref_logits, ref_positions = [], []
-    for inp, m, fp in zip(inputs, masks, fp_logits):
+    ref_logits = []
+    for i, (inp, m, fp) in enumerate(zip(inputs, masks, fp_logits)):
         q = _logits(model, inp, device, dtype)
         for k in per_mask:
             per_mask[k].append(logit_fidelity(fp, q, m[k]))
-        pos = torch.nonzero(m["answer"]).flatten()[:max_ref_positions]
-        if pos.numel() == 0:
-            pos = torch.arange(max(0, q.shape[0] - 4), q.shape[0])
-        ref_positions.append(pos)
-        ref_logits.append(q[pos].float())
+        if i < n_reference:
+            ref_logits.append(q.unsqueeze(0))
     return {
         "fidelity": {k: merge_fidelity(v) for k, v in per_mask.items()},
-        "inputs": inputs,
-        "ref_positions": ref_positions,
+        "inputs": inputs[:n_reference],
         "ref_logits": ref_logits,
     }
 

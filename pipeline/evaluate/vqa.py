@@ -85,12 +85,14 @@ def evaluate_builtin_vqa(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     return_predictions: bool = False,
+    samples: Sequence[synthetic.SceneSample] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` on the first ``n`` samples of the synthetic test split.
 
     Returns ``{"task", "accuracy", "per_skill", "n", "seed"}`` (+ ``predictions`` on request).
+    ``samples``: pre-generated ``synthetic.generate("test", n, seed)``, to score many models fast.
     """
-    samples = synthetic.generate("test", n, seed)
+    samples = list(samples) if samples is not None else synthetic.generate("test", n, seed)
     was_training = model.training
     model.eval()
     try:
