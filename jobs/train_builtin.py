@@ -219,11 +219,16 @@ def make_outlier_exact_(model, channels, log2_k: int) -> None:
     B.plant_outliers(model, channels, -log2_k)
 
 
+_TEST: list = []
+
+
 def measure(model, processor, args, device, label: str) -> dict:
+    if not _TEST:
+        _TEST.extend(synthetic.generate("test", args.eval_n, 0))
     res = {}
     for bits in (None, 4, 3, 2):
         m = model if bits is None else B.rtn_fake_quant_(copy.deepcopy(model), bits, 128)
-        r = evaluate_builtin_vqa(m, processor, n=args.eval_n, seed=0, batch_size=args.eval_batch, device=device)
+        r = evaluate_builtin_vqa(m, processor, args.eval_n, 0, args.eval_batch, device, samples=_TEST)
         key = "fp" if bits is None else f"rtn_w{bits}"
         res[key] = {"accuracy": r["accuracy"], "per_skill": r["per_skill"]}
         log(f"{label} {key}: {r['accuracy']:.4f} " + " ".join(f"{k}={v:.2f}" for k, v in r["per_skill"].items()))
