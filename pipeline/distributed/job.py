@@ -18,6 +18,7 @@ from typing import Any
 from ..config import JobSpec
 from ..errors import VlmqError
 from .context import JobContext
+from .faults import fault_from_env
 from .progress import JobView
 
 
@@ -129,6 +130,7 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             store_root=spec.resources.store or str(work / "acts"), compute_dtype=prep.compute_dtype,
             storage_dtype=prep.storage_dtype, allow_pickle=spec.allow_pickle,
             store_max_bytes=int(spec.resources.store_max_gb * 2**30) if spec.resources.store_max_gb else None,
+            options={"fault": fault_from_env()},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
         from ..quant import needs_calibration

@@ -16,6 +16,7 @@ from ..quant import get_search, needs_calibration
 from ..quant.quantizer import QuantScheme
 from ..quant.types import BlockCalib, Sample, SearchSettings
 from .context import JobContext, worker_device
+from .faults import maybe_fail
 
 _MASK_KEYS = ("vision_mask", "answer_mask")
 
@@ -47,6 +48,7 @@ def search_block(ctx: JobContext, block_id: int, layer_ids: list[int],
     from ..models.loading import build_layers
     from .models import open_model_source
 
+    maybe_fail(ctx.options.get("fault"), "search", block_id, ctx.work_dir)
     t0 = time.perf_counter()
     device = worker_device()
     adapter = ADAPTERS[ctx.family]
