@@ -48,7 +48,7 @@ def clean_layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def capture_layer_io(
-    model: nn.Module, layers: Sequence[nn.Module], inputs: dict[str, Any]
+    model: nn.Module, layers: Sequence[nn.Module], inputs: dict[str, Any], use_cache: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
     """Run ``model(**inputs)`` once; return every layer's input and output hidden states
     (``[B, T, C]``) and the cleaned kwargs layer 0 received (all layers receive the same)."""
@@ -75,7 +75,7 @@ def capture_layer_io(
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
-        model(**inputs, use_cache=False)
+        model(**inputs, use_cache=use_cache)
     finally:
         for h in handles:
             h.remove()

@@ -229,14 +229,15 @@ class MemoryEstimate:
 def estimate_memory(config_dict: dict[str, Any], adapter: VLMAdapter, dtype: torch.dtype) -> MemoryEstimate:
     """Weight bytes per decoder layer and per other part, from config.json alone (meta model).
 
-    Floating tensors count at ``dtype``; integer buffers at their own size. Tied parameters count once.
+    Parameters only, floating ones at ``dtype`` (buffers such as rotary tables are a few KB and
+    are rebuilt, not loaded). Tied parameters count once: ``lm_head`` is 0 when tied.
     """
     meta = build_meta_model(config_dict, adapter)
     fsize = torch.empty((), dtype=dtype).element_size()
     n_layers = len(meta.get_submodule(adapter.layers_path))
     layers = [0] * n_layers
     other = {"vision_tower": 0, "projector": 0, "embeddings": 0, "final_norm": 0, "lm_head": 0, "other": 0}
-    for name, t in list(meta.named_parameters()) + list(meta.named_buffers()):
+    for name, t in meta.named_parameters():  # deduplicates tied parameters
         nbytes = t.numel() * (fsize if t.is_floating_point() else t.element_size())
         i = adapter.layer_index(name)
         if i is not None:
