@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoint import write_checkpoint
 from pipeline.checkpoint.reference import write_reference
 from pipeline.models import detect_adapter
 from pipeline.models.loading import build_model, layer_linear_names
@@ -100,3 +101,23 @@ def logits_of(model, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor
 def reference_hook(inputs, logits):
     """A writer stage_hook that stores the validation reference (as the quantize job does)."""
     return lambda staging: write_reference(staging, inputs, logits)
+
+
+@pytest.fixture(scope="session")
+def ref_logits(source, adapter, quantized, sample_inputs):
+    """{scheme name: logits of the in-memory fake-quant model on sample_inputs}."""
+    return {name: logits_of(fake_quant_model(source, adapter, qws), sample_inputs) for name, qws in quantized.items()}
+
+
+@pytest.fixture(scope="session")
+def written(tmp_path_factory, source, quantized, sample_inputs, ref_logits):
+    """{scheme name: checkpoint dir} with validation references, small shards to force sharding."""
+    base = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for name, qws in quantized.items():
+        ref = ref_logits[name]
+        out[name] = write_checkpoint(
+            base / name, source, qws, recipe_info={"method": "rtn", "scheme": name},
+            stage_hook=reference_hook(sample_inputs, ref), max_shard_bytes=300_000,
+        )  # fmt: skip
+    return out
