@@ -70,7 +70,9 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
     if leaf in parent._parameters:
-        parent._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        parent._parameters[leaf] = tensor  # a Parameter is shared as is (tied weights)
     elif leaf in parent._buffers:
         parent._buffers[leaf] = tensor
     else:
