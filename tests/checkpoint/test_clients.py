@@ -176,6 +176,11 @@ def test_triton_backend_swaps_in_quantlinear(monkeypatch, tmp_path, written, qua
     assert ia["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                        "group_size": None, "dynamic": True}  # fmt: skip
     assert ia["weights"]["strategy"] == "channel"
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(json.loads((w4a8 / "config.json").read_text())["quantization_config"])
+    acts = parsed.config_groups["group_0"].input_activations
+    assert (acts.num_bits, acts.strategy, acts.dynamic, acts.symmetric) == (8, "token", True, True)
     _FakeQuantLinear.calls = []
     load_quantized_model(w4a8, backend="triton")
     assert {c for c in _FakeQuantLinear.calls} == {(scheme, 8)}
