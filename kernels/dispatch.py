@@ -1,0 +1,137 @@
+"""Host side: pick GEMV or GEMM by M, size split-K, launch, and own the split-K workspace."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .layout import MAGIC_BITS, PackedWeight
+from .tuning import GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config
+
+_WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 partial-sum buffer and int32 tile counters, shared by all layers on a device.
+
+    The split-K epilogue leaves both zeroed again, so one buffer serves every launch in stream
+    order. It only grows; growing while a CUDA graph is being captured would break the graph,
+    so that is refused (run one eager call at the largest M first).
+    """
+    key = (device.type, device.index)
+    ws, cnt = _WS.get(key, (None, None))
+    if ws is None or ws.numel() < n_floats or cnt.numel() < n_counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("kernels: split-K workspace must grow during CUDA graph capture; "
+                               "run one eager forward at the largest batch before capturing")
+        nf = max(n_floats, 0 if ws is None else ws.numel(), 1 << 16)
+        nc = max(n_counters, 0 if cnt is None else cnt.numel(), 1 << 12)
+        ws = torch.zeros(nf, dtype=torch.float32, device=device)
+        cnt = torch.zeros(nc, dtype=torch.int32, device=device)
+        _WS[key] = (ws, cnt)
+    return ws, cnt
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split(tiles: int, iters: int, want: int | None, sms: int, waves: float) -> tuple[int, int]:
+    """(number of k-splits, iterations per split), every split non-empty."""
+    if want is None:
+        want = max(1, round(sms * waves / max(tiles, 1)))
+    want = max(1, min(want, iters))
+    per = -(-iters // want)
+    return -(-iters // per), per
+
+
+def _common(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor | None):
+    if x.dim() != 2 or x.shape[1] != pw.in_features:
+        raise ValueError(f"x must be [M, {pw.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"activations must be float16 or bfloat16, got {x.dtype}")
+    x = x.contiguous()
+    m, n = x.shape[0], pw.out_features
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    zero = pw.zero if pw.zero is not None else pw.scale
+    b = bias if bias is not None else pw.scale
+    return x, out, zero, b
+
+
+def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, cfg: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with the CUDA-core GEMV kernel (meant for M <= 4)."""
+    from .gemv import gemv_kernel
+
+    x, out, zero, b = _common(x, pw, bias, out)
+    m, n = x.shape[0], pw.out_features
+    plan = pw.plan
+    cfg = (cfg or gemv_config(pw.bits, m, n, pw.in_features)).rows_ok(128 // plan.values_per_row)
+    per_channel = pw.group_size is None
+    r = cfg.R if per_channel else min(cfg.R, pw.group_rows)
+    if pw.tile % cfg.BN:
+        raise ValueError(f"GEMV BN={cfg.BN} must divide the layout tile {pw.tile}")
+    bm = 1 if m == 1 else 2 if m == 2 else 4
+    n_tiles, m_blocks = -(-n // cfg.BN), -(-m // bm)
+    k = pw.in_features
+    # iterate only over rows that hold real k (the padding is all zero codes)
+    iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size
+    even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
+    split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves)
+    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 else (out, out)
+    gemv_kernel[(n_tiles, split, m_blocks)](
+        x, pw.words, pw.scale, zero, b, out, ws, cnt,
+        m, n, k, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters, MAGIC_BITS,
+        BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
+        GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, cfg: GemmConfig | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with the dequantize-tile + ``tl.dot`` kernel."""
+    from .gemm import gemm_kernel
+
+    x, out, zero, b = _common(x, pw, bias, out)
+    m, n = x.shape[0], pw.out_features
+    cfg = cfg or gemm_config(pw.bits, m, n, pw.in_features)
+    plan = pw.plan
+    bk = cfg.BK
+    if 128 % bk or bk % plan.values_per_row:
+        raise ValueError(f"BK={bk} must divide 128 and be a multiple of {plan.values_per_row}")
+    if pw.tile % cfg.BN:
+        raise ValueError(f"GEMM BN={cfg.BN} must divide the layout tile {pw.tile}")
+    tiles = -(-m // cfg.BM) * -(-n // cfg.BN)
+    iters = pw.k_pad // bk
+    want = cfg.split if cfg.split is not None else (None if tiles < sm_count(x.device) else 1)
+    split, per = _split(tiles, iters, want, sm_count(x.device), cfg.waves)
+    ws, cnt = workspace(x.device, m * n, tiles) if split > 1 else (out, out)
+    per_channel = pw.group_size is None
+    rb = bk // plan.values_per_row
+    gemm_kernel[(tiles, split)](
+        x, pw.words, pw.scale, zero, b, out, ws, cnt,
+        m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, MAGIC_BITS,
+        BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel,
+        GROUP_ROWS=rb if per_channel else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk,
+        GROUP_M=cfg.GROUP_M, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        EVICT=cfg.evict and not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The dispatcher: GEMV for small M, tensor-core GEMM otherwise."""
+    if x.shape[0] <= GEMV_MAX_M:
+        return gemv(x, pw, bias)
+    return gemm(x, pw, bias)

@@ -1,0 +1,95 @@
+"""Weight-only GEMM: dequantize a [BK, BN] tile in registers, then ``tl.dot`` (tensor cores).
+
+Used for M above the GEMV range. With ``BM = 16`` and split-K it is also the "skinny" path
+(M up to ~64), where CUDA-core FMAs would cost M instructions per weight.
+Grouped scales are applied to the tile in fp32 before the cast (``(u - z) * s`` is exact in fp32,
+so the tile equals the reference's 16-bit weight); per-channel scales are applied after the dot.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode import decode_rows, load_rows, splitk_epilogue
+
+
+@triton.jit
+def dequant_tile(words_ptr, scale_ptr, zero_ptr, it, col, sz_col, rows_total, groups_pad, magic,
+                 BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                 T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DTYPE: tl.constexpr, EVICT: tl.constexpr):
+    """Rows ``[it*RB, (it+1)*RB)`` of the packed weight as a ``[BK, BN]`` tile of DTYPE."""
+    WPR: tl.constexpr = 3 if BITS == 3 else 1
+    V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    RB: tl.constexpr = BK // V
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
+    rows = it * RB + tl.arange(0, RB)
+    wp = words_ptr + (rows * WPR)[:, None, None] * T + col[None, :, None]  # [RB, BN, 1]
+    w0, w1, w2 = load_rows(wp, T, BITS, EVICT)
+    j3 = tl.arange(0, V)[None, None, :]
+    u = decode_rows(w0, w1, w2, j3, magic, BITS, OFFSET)  # [RB, BN, V]
+    if PER_CHANNEL:
+        if not SYM:
+            u -= tl.load(zero_ptr + sz_col).to(tl.float32)[None, :, None]
+    else:
+        if RB > GROUP_ROWS:
+            sp = sz_col[None, :] + (rows // GROUP_ROWS)[:, None] * T
+            if not SYM:
+                u -= tl.load(zero_ptr + sp).to(tl.float32)[:, :, None]
+            u *= tl.load(scale_ptr + sp).to(tl.float32)[:, :, None]
+        else:
+            sp = sz_col + ((it * RB) // GROUP_ROWS) * T
+            if not SYM:
+                u -= tl.load(zero_ptr + sp).to(tl.float32)[None, :, None]
+            u *= tl.load(scale_ptr + sp).to(tl.float32)[None, :, None]
+    w = tl.reshape(tl.permute(u, (0, 2, 1)), (BK, BN))
+    return w.to(DTYPE)
+
+
+@triton.jit
+def gemm_kernel(
+    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, magic,
+    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr,
+):
+    WPR: tl.constexpr = 3 if BITS == 3 else 1
+    V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    RB: tl.constexpr = BK // V
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    # grouped ordering: GROUP_M row-blocks share each weight tile while it is in L2
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n0 = pid_n * BN  # BN divides T: the columns are contiguous inside one tile
+    col = (n0 // T) * (rows_total * WPR * T) + (n0 % T) + tl.arange(0, BN)
+    col = tl.max_contiguous(tl.multiple_of(col, BN), BN)
+    sz_col = (n0 // T) * (groups_pad * T) + (n0 % T) + tl.arange(0, BN)
+    sz_col = tl.max_contiguous(tl.multiple_of(sz_col, BN), BN)
+    offs_k = tl.arange(0, BK)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+
+    n_iters = rows_total // RB
+    it0 = pid_k * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, n_iters)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for it in range(it0, it1):
+        kk = it * BK + offs_k
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        wt = dequant_tile(words_ptr, scale_ptr, zero_ptr, it, col, sz_col, rows_total, groups_pad, magic,
+                          BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BK, BN, DTYPE, EVICT)
+        acc = tl.dot(xa, wt, acc)
+    if PER_CHANNEL:
+        acc *= tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
+    splitk_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
+                    pid, HAS_BIAS, SPLIT)

@@ -1,0 +1,109 @@
+"""Weight-only GEMV for small M (decode): CUDA-core FMAs, ``tl.sum``, split-K.
+
+Per value the inner loop is one LOP3 (field into the 2^23 pattern), one FMA (exact code) and one
+FMA (times x, fp32 accumulation). The zero point is factored out of the loop through the per-row
+sum of x (``sum_k x_k (u_k - z) = sum_k x_k u_k - z * sum_k x_k``) and the group scale is applied
+once per word row, so neither costs a per-value instruction.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode import decode_rows, load_rows, splitk_epilogue
+
+
+@triton.jit
+def _chunk(wp, xp, xmask, magic, BITS: tl.constexpr, OFFSET: tl.constexpr, T: tl.constexpr,
+           EVICT: tl.constexpr, EVEN: tl.constexpr, j4):
+    """Decode the rows at ``wp`` [1,R,BN,1] and load the matching x: ``(u [1,R,BN,V], x [BM,R,1,V])``."""
+    w0, w1, w2 = load_rows(wp, T, BITS, EVICT)
+    u = decode_rows(w0, w1, w2, j4, magic, BITS, OFFSET)
+    if EVEN:
+        xv = tl.load(xp)
+    else:
+        xv = tl.load(xp, mask=xmask, other=0.0)
+    return u, xv.to(tl.float32)[:, :, None, :]
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters, magic,
+    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr,
+):
+    """One program: BN columns x one k-split. An iteration is one group (SUB chunks of R rows,
+    unrolled) for grouped weights, one chunk of R rows when per-channel. Products go into a
+    [BM, R, BN, V] FMA chain; the V-sum, zero and scale are applied once per group.
+    EVEN: every x element the program reads exists (no k or m masks)."""
+    WPR: tl.constexpr = 3 if BITS == 3 else 1
+    V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
+    SUB: tl.constexpr = 1 if PER_CHANNEL else GROUP_ROWS // R
+    STEP: tl.constexpr = R * SUB  # rows per iteration
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    # BN divides T: a program's columns are contiguous inside one tile
+    n0 = pid_n * BN
+    col = (n0 // T) * (rows_total * WPR * T) + (n0 % T) + tl.arange(0, BN)
+    col = tl.max_contiguous(tl.multiple_of(col, BN), BN)
+    sz_col = (n0 // T) * (groups_pad * T) + (n0 % T) + tl.arange(0, BN)
+    sz_col = tl.max_contiguous(tl.multiple_of(sz_col, BN), BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    r_loc = tl.arange(0, R)
+    j4 = tl.arange(0, V)[None, None, None, :]  # field index: a broadcast, in-thread dimension
+    m3 = offs_m[:, None, None]
+    kk0 = r_loc[None, :, None] * V + tl.arange(0, V)[None, None, :]  # [1, R, V]
+
+    it0 = pid_k * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, n_iters)
+    row0 = it0 * STEP
+    wp = words_ptr + ((row0 + r_loc) * WPR)[None, :, None, None] * T + col[None, None, :, None]
+    xp = x_ptr + m3 * stride_xm + row0 * V + kk0
+    xmask = (m3 < M) & (row0 * V + kk0 < K)
+    if PER_CHANNEL:
+        acc = tl.zeros([BM, R, BN, V], dtype=tl.float32)
+        xs = tl.zeros([BM, R, 1, V], dtype=tl.float32)
+        for it in range(it0, it1):
+            u, x4 = _chunk(wp, xp, xmask, magic, BITS, OFFSET, T, EVICT, EVEN, j4)
+            acc += x4 * u
+            if not SYM:
+                xs += x4
+            wp += R * WPR * T
+            xp += R * V
+            xmask = (m3 < M) & ((row0 + (it + 1 - it0) * R) * V + kk0 < K)
+        y3 = tl.sum(acc, axis=3)
+        if not SYM:
+            y3 -= tl.sum(xs, axis=3) * tl.load(zero_ptr + sz_col).to(tl.float32)[None, None, :]
+        y = tl.sum(y3, axis=1) * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
+    else:
+        y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
+        sp = scale_ptr + sz_col + it0 * T
+        zp = zero_ptr + sz_col + it0 * T
+        for it in range(it0, it1):
+            u, x4 = _chunk(wp, xp, xmask, magic, BITS, OFFSET, T, EVICT, EVEN, j4)
+            acc = x4 * u
+            xs = x4
+            for sub in tl.static_range(1, SUB):
+                u, x4 = _chunk(wp + sub * (R * WPR * T), xp + sub * (R * V), xmask, magic,
+                               BITS, OFFSET, T, EVICT, EVEN, j4)
+                acc += x4 * u
+                if not SYM:
+                    xs += x4
+            part = tl.sum(acc, axis=3)  # [BM, R, BN]
+            if not SYM:
+                part -= tl.sum(xs, axis=3) * tl.load(zp).to(tl.float32)[None, None, :]
+            y3 += part * tl.load(sp).to(tl.float32)[None, None, :]
+            wp += STEP * WPR * T
+            xp += STEP * V
+            sp += T
+            zp += T
+        y = tl.sum(y3, axis=1)  # [BM, BN]
+    splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
+                    pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT)

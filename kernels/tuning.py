@@ -1,0 +1,64 @@
+"""Launch configurations: which path and block shapes for a given (bits, M, N, K).
+
+The numbers come from ``python -m pipeline.evaluate.bench_kernels --sweep`` on the lent H100
+(BENCHMARKS.md, benchmarks/kernels/NOTES.md). Split-K is chosen from the SM count so that a
+skinny launch fills the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# GEMV (CUDA cores) serves M <= GEMV_MAX_M; above it the tensor-core kernel is faster because a
+# GEMV pays one FMA per weight per row of x.
+GEMV_MAX_M = 2
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    BN: int = 128
+    R: int = 16  # decode rows (words, or 3-word chunks) per iteration
+    num_warps: int = 4
+    split: int | None = None  # k-splits; None: from the SM count
+    evict: bool = True
+    waves: float = 8.0  # target programs per SM when choosing split
+
+    def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
+        """R must divide the rows of one 128-k block (the padding unit)."""
+        r = self.R
+        while rows_per_128k % r:
+            r //= 2
+        return self if r == self.R else replace(self, R=max(r, 1))
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BM: int = 64
+    BN: int = 128
+    BK: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    GROUP_M: int = 8
+    split: int | None = None  # None: split-K only when the tiles do not fill the GPU
+    evict: bool = False
+    waves: float = 2.0
+
+
+def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:
+    if bits == 3:
+        return GemvConfig(BN=128, R=4, num_warps=4)
+    if bits == 2:
+        return GemvConfig(BN=128, R=8, num_warps=4)
+    if bits == 8:
+        return GemvConfig(BN=128, R=8, num_warps=4)
+    return GemvConfig(BN=128, R=16, num_warps=4)
+
+
+def gemm_config(bits: int, m: int, n: int, k: int) -> GemmConfig:
+    if m <= 16:
+        return GemmConfig(BM=16, BN=128, BK=128, num_warps=4, num_stages=3, evict=True, waves=4.0)
+    if m <= 64:
+        return GemmConfig(BM=64, BN=128, BK=128, num_warps=4, num_stages=3, evict=True, waves=2.0)
+    if m <= 256:
+        return GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+    return GemmConfig(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
