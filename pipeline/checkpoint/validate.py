@@ -60,7 +60,7 @@ def _guarded(name: str, fn: Any, *args: Any) -> CheckResult:
         return CheckResult(name, "fail", f"{type(e).__name__}: {e}")
 
 
-def check_integrity(ckpt_dir: Path) -> CheckResult:
+def _integrity(ckpt_dir: Path) -> CheckResult:
     path = ckpt_dir / MANIFEST_NAME
     if not path.is_file():
         return CheckResult(
@@ -109,7 +109,7 @@ def _headers(ckpt_dir: Path, wmap: dict[str, str]) -> dict[str, tuple[tuple[int,
     return out
 
 
-def check_layout(ckpt_dir: Path) -> CheckResult:
+def _layout(ckpt_dir: Path) -> CheckResult:
     config = read_config(ckpt_dir)
     qconfig = config.get("quantization_config")
     if not qconfig:
@@ -171,7 +171,7 @@ def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
     return {n: names - {n} for names in by_id.values() for n in names}
 
 
-def check_outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: float | None) -> CheckResult:
+def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: float | None) -> CheckResult:
     ref = read_reference(ckpt_dir)
     if ref is None:
         return CheckResult("outputs", "skip", "no validation/reference.safetensors: outputs not compared")
@@ -198,6 +198,23 @@ def check_outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rto
     return CheckResult("outputs", "pass" if worst_rel <= rtol else "fail", msg, nums)
 
 
+def check_integrity(ckpt_dir: str | os.PathLike) -> CheckResult:
+    """Manifest present and complete; every file's size and sha256 match; no file missing or unlisted."""
+    return _guarded("integrity", _integrity, Path(ckpt_dir))
+
+
+def check_layout(ckpt_dir: str | os.PathLike) -> CheckResult:
+    """quantization_config agrees with the tensors and with the model's Linears (headers only)."""
+    return _guarded("layout", _layout, Path(ckpt_dir))
+
+
+def check_outputs(
+    ckpt_dir: str | os.PathLike, n_samples: int = 4, backend: str = "fake", device: str = "cpu", rtol: float | None = None
+) -> CheckResult:
+    """The reloaded model reproduces the stored fake-quant logits to ``rtol`` (default by model dtype)."""
+    return _guarded("outputs", _outputs, Path(ckpt_dir), n_samples, backend, device, rtol)
+
+
 def validate_checkpoint(
     ckpt_dir: str | os.PathLike,
     n_samples: int = 4,
@@ -210,11 +227,7 @@ def validate_checkpoint(
     d = Path(ckpt_dir)
     if not d.is_dir():
         return ValidationReport(d, [CheckResult("integrity", "fail", f"{d} is not a directory")])
-    checks = [
-        _guarded("integrity", check_integrity, d),
-        _guarded("layout", check_layout, d),
-        _guarded("outputs", check_outputs, d, n_samples, backend, device, rtol),
-    ]
+    checks = [check_integrity(d), check_layout(d), check_outputs(d, n_samples, backend, device, rtol)]
     return ValidationReport(d, checks)
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SCHEMES, decoder_linears, fake_quant_model, logits_of, rtn
+from conftest import SCHEMES, decoder_linears, logits_of, rtn
 from safetensors.torch import load_file
 from torch import nn
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import format_report, validate_checkpoint, write_reference
 from pipeline.checkpoint.reference import read_reference
+from pipeline.checkpoint.validate import check_integrity, check_layout
 from pipeline.checkpoint.writer import write_manifest
 
 
@@ -62,8 +63,9 @@ def test_missing_manifest_means_incomplete(copy):
 def test_unlisted_and_missing_files(copy):
     (copy / "stray.txt").write_text("x")
     (copy / "tokenizer.json").unlink()
-    nums = validate_checkpoint(copy).check("integrity").numbers
-    assert nums["unlisted"] == ["stray.txt"] and nums["missing"] == ["tokenizer.json"]
+    r = check_integrity(copy)
+    nums = r.numbers
+    assert r.status == "fail" and nums["unlisted"] == ["stray.txt"] and nums["missing"] == ["tokenizer.json"]
 
 
 def _drop_tensor(ckpt, name: str) -> None:
@@ -92,18 +94,16 @@ def test_ignored_module_that_is_quantized_fails_layout(copy, quantized):
     module = sorted(quantized["w4g32asym"])[0]
     cfg["quantization_config"]["ignore"].append(module)
     (copy / "config.json").write_text(json.dumps(cfg))
-    write_manifest(copy)
-    r = validate_checkpoint(copy)
-    assert _status(r)["layout"] == "fail" and module in r.check("layout").message
+    r = check_layout(copy)
+    assert r.status == "fail" and module in r.message
 
 
 def test_wrong_bits_in_config_fails_layout(copy):
     cfg = json.loads((copy / "config.json").read_text())
     cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 3
     (copy / "config.json").write_text(json.dumps(cfg))
-    write_manifest(copy)
-    r = validate_checkpoint(copy)
-    assert _status(r)["layout"] == "fail" and "weight_packed" in r.check("layout").message
+    r = check_layout(copy)
+    assert r.status == "fail" and "weight_packed" in r.message
 
 
 def test_outputs_disagreeing_with_reference_fail(copy):
