@@ -62,7 +62,7 @@ VARIANTS: dict[str, B.BuiltinSize] = {
     "w256l3": B.BuiltinSize(text_hidden=256, text_intermediate=512, text_layers=3, text_kv_heads=2),
     "w256l4": B.BuiltinSize(text_hidden=256, text_intermediate=512, text_layers=4),
 }
-OUTLIER_GRID = [(4, 2), (4, 4), (5, 2), (5, 4), (5, 8)]  # (log2 k, channels per layer)
+OUTLIER_GRID = [(4, 4), (4, 8), (5, 4), (5, 6), (5, 8), (5, 12), (6, 6)]  # (log2 k, channels per layer)
 
 
 def log(*a) -> None:
@@ -178,7 +178,7 @@ def train(size: B.BuiltinSize, processor, data, args, device: torch.device):
             if fit < steps:
                 log(f"{per_step * 1e3:.1f} ms/step: {steps} steps -> {fit} to fit {args.budget_s:.0f}s")
                 steps = max(fit, 100)
-                warm = min(warm, steps // 10)
+                warm = max(1, steps // 25)  # as if --steps had been given: `--steps N` reproduces it
         if pos + args.batch > n:
             perm, pos = torch.randperm(n, generator=g), 0
         idx = perm[pos : pos + args.batch].to(device)
