@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from .awq import search_awq
+from .mbq import search_mbq
 from .rtn import search_rtn
+from .smoothquant import search_smoothquant
 from .types import SearchFn
 
 # method name -> search function. Methods register here as they land (awq, mbq, smoothquant, qvlm, ...).
 SEARCHES: dict[str, SearchFn] = {
     "rtn": search_rtn,
+    "awq": search_awq,
+    "mbq": search_mbq,
+    "smoothquant": search_smoothquant,
 }
 
 
