@@ -23,11 +23,20 @@ _FORMAT = "vlmq-reference/1"
 
 
 def write_reference(
-    directory: str | os.PathLike, inputs: list[dict[str, torch.Tensor]], logits: list[torch.Tensor]
+    directory: str | os.PathLike,
+    inputs: list[dict[str, torch.Tensor]],
+    logits: list[torch.Tensor],
+    fp_logits: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``directory/validation/reference.safetensors``. ``inputs[i]`` are ``model(**inputs[i])`` kwargs."""
+    """Write ``directory/validation/reference.safetensors``. ``inputs[i]`` are ``model(**inputs[i])`` kwargs.
+
+    ``logits``: the fake-quant model's (what the checkpoint must reproduce); ``fp_logits``
+    (optional): the fp model's, so validate can also report KL and top-1 agreement against fp.
+    """
     if len(inputs) != len(logits) or not inputs:
         raise ValueError(f"need one logits tensor per input sample, got {len(inputs)} inputs, {len(logits)} logits")
+    if fp_logits is not None and len(fp_logits) != len(logits):
+        raise ValueError(f"need one fp logits tensor per sample, got {len(fp_logits)} for {len(logits)}")
     tensors: dict[str, torch.Tensor] = {}
     names: list[list[str]] = []
     for i, (inp, lg) in enumerate(zip(inputs, logits)):
@@ -40,6 +49,8 @@ def write_reference(
             tensors[f"sample{i}.{k}"] = v.detach().cpu().contiguous()
             keys.append(k)
         tensors[f"sample{i}.logits"] = lg.detach().cpu().contiguous()
+        if fp_logits is not None:
+            tensors[f"sample{i}.fp_logits"] = fp_logits[i].detach().cpu().contiguous()
         names.append(keys)
     path = Path(directory) / REFERENCE_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +60,10 @@ def write_reference(
     return path
 
 
-def read_reference(ckpt_dir: str | os.PathLike) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]] | None:
-    """(inputs, logits) from a checkpoint, or None when it has no reference file."""
+def read_reference(
+    ckpt_dir: str | os.PathLike,
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], list[torch.Tensor] | None] | None:
+    """(inputs, logits, fp_logits or None) from a checkpoint, or None when it has no reference file."""
     path = Path(ckpt_dir) / REFERENCE_PATH
     if not path.is_file():
         return None
@@ -61,4 +74,7 @@ def read_reference(ckpt_dir: str | os.PathLike) -> tuple[list[dict[str, torch.Te
         names = json.loads(meta["inputs"])
         inputs = [{k: f.get_tensor(f"sample{i}.{k}") for k in keys} for i, keys in enumerate(names)]
         logits = [f.get_tensor(f"sample{i}.logits") for i in range(len(names))]
-    return inputs, logits
+        fp = None
+        if "sample0.fp_logits" in set(f.keys()):
+            fp = [f.get_tensor(f"sample{i}.fp_logits") for i in range(len(names))]
+    return inputs, logits, fp

@@ -175,12 +175,13 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
     ref = read_reference(ckpt_dir)
     if ref is None:
         return CheckResult("outputs", "skip", "no validation/reference.safetensors: outputs not compared")
-    inputs, ref_logits = ref
+    inputs, ref_logits, fp_logits = ref
     inputs, ref_logits = inputs[:n_samples], ref_logits[:n_samples]
     model_dtype = config_dtype(read_config(ckpt_dir))
     rtol = rtol if rtol is not None else DEFAULT_RTOL.get(model_dtype, 1e-2)
     model = load_quantized_model(ckpt_dir, backend=backend, device=device)
     worst_rel, worst_abs, agree, total = 0.0, 0.0, 0, 0
+    outs = []
     with torch.no_grad():
         for inp, ref_l in zip(inputs, ref_logits):
             out = model(**{k: v.to(device) for k, v in inp.items()}).logits.float().cpu()
@@ -192,10 +193,27 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
             worst_rel = max(worst_rel, diff / max(ref_f.abs().max().item(), 1e-12))
             agree += (out.argmax(-1) == ref_f.argmax(-1)).sum().item()
             total += out.shape[:-1].numel()
+            outs.append(out)
     nums = {"samples": len(inputs), "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "rtol": rtol,
             "top1_agreement": agree / max(total, 1), "backend": backend}  # fmt: skip
     msg = f"{len(inputs)} samples, max |diff| {worst_abs:.3g} ({worst_rel:.3g} of max |logit|, tol {rtol:g}), top-1 agreement {agree / max(total, 1):.4f}"
+    if fp_logits is not None:
+        kl, top1 = fidelity_vs_fp(outs, fp_logits[: len(outs)])
+        nums.update(kl_vs_fp=kl, top1_vs_fp=top1)
+        msg += f"; vs fp: KL {kl:.4g}, top-1 {top1:.4f}"
     return CheckResult("outputs", "pass" if worst_rel <= rtol else "fail", msg, nums)
+
+
+def fidelity_vs_fp(quant: list[torch.Tensor], fp: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean per-position KL(fp || quant) in nats, and top-1 agreement, over all samples' positions."""
+    kl_sum, agree, n = 0.0, 0, 0
+    for q, f in zip(quant, fp):
+        lq = torch.log_softmax(q.double(), -1)
+        lf = torch.log_softmax(f.double(), -1)
+        kl_sum += (lf.exp() * (lf - lq)).sum(-1).sum().item()
+        agree += (q.argmax(-1) == f.argmax(-1)).sum().item()
+        n += q.shape[:-1].numel()
+    return kl_sum / max(n, 1), agree / max(n, 1)
 
 
 def check_integrity(ckpt_dir: str | os.PathLike) -> CheckResult:

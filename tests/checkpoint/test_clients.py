@@ -192,3 +192,26 @@ def test_triton_backend_unavailable_is_a_clear_error(monkeypatch, written):
     monkeypatch.delattr(kernels, "QuantLinear", raising=False)
     with pytest.raises(VlmqError, match="kernels.QuantLinear"):
         load_quantized_model(written["w4g32sym"], backend="triton")
+
+
+def test_mixed_precision_gets_one_group_per_scheme(tmp_path, source, quantized):
+    """Layer 0 in 4-bit symmetric, layer 1 in 3-bit asymmetric: two config groups targeting exact names;
+    compressed-tensors and our loader both recover every weight."""
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+    from pipeline.checkpoint.validate import check_layout
+
+    a, b = quantized["w4g32sym"], quantized["w3g64asym"]
+    mixed = {m: (a[m] if ".layers.0." in m else b[m]) for m in a}
+    ckpt = write_checkpoint(tmp_path / "mixed", source, mixed)
+    groups = json.loads((ckpt / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 2
+    assert sorted(sorted(g["targets"]) for g in groups.values()) == sorted(
+        [sorted(m for m in mixed if ".layers.0." in m), sorted(m for m in mixed if ".layers.1." in m)]
+    )
+    deq = CompressedTensorsDequantizer(ckpt, dtype=torch.float16).validate(_all_tensors(ckpt))
+    for m, qw in mixed.items():
+        assert torch.equal(deq[f"{m}.weight"], qw.dequantize(torch.float16)), m
+    got = {m: qw for m, qw, _ in iter_quantized(ckpt)}
+    assert {m: g.scheme for m, g in got.items()} == {m: qw.scheme for m, qw in mixed.items()}
+    assert check_layout(ckpt).status == "pass"

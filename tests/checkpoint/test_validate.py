@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import format_report, validate_checkpoint, write_reference
 from pipeline.checkpoint.reference import read_reference
-from pipeline.checkpoint.validate import check_integrity, check_layout
+from pipeline.checkpoint.validate import check_integrity, check_layout, check_outputs
+from pipeline.models.loading import build_model
 from pipeline.checkpoint.writer import write_manifest
 
 
@@ -107,7 +108,7 @@ def test_wrong_bits_in_config_fails_layout(copy):
 
 
 def test_outputs_disagreeing_with_reference_fail(copy):
-    inputs, logits = read_reference(copy)
+    inputs, logits, _ = read_reference(copy)
     g = torch.Generator().manual_seed(0)
     bumped = [lg + 0.01 * lg.abs().max() * torch.randn(lg.shape, generator=g) for lg in logits]
     write_reference(copy, inputs, bumped)
@@ -115,6 +116,23 @@ def test_outputs_disagreeing_with_reference_fail(copy):
     r = validate_checkpoint(copy)
     assert _status(r) == {"integrity": "pass", "layout": "pass", "outputs": "fail"}
     assert r.check("outputs").numbers["max_rel_diff"] > r.check("outputs").numbers["rtol"]
+
+
+def test_fidelity_against_fp_is_reported(copy, source, adapter):
+    """With fp logits in the reference, the outputs check also reports KL(fp || quant) and top-1 vs fp."""
+    inputs, logits, _ = read_reference(copy)
+    fp_model = build_model(source, adapter, dtype=torch.float32)
+    with torch.no_grad():
+        fp = [fp_model(**x).logits for x in inputs]
+    write_reference(copy, inputs, logits, fp_logits=fp)
+    r = check_outputs(copy)
+    assert r.status == "pass", r.message
+    # independent KL: torch's kl_div over every position, in float64
+    q = torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in logits]).double()
+    f = torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in fp]).double()
+    want = torch.nn.functional.kl_div(q.log_softmax(-1), f.log_softmax(-1), log_target=True, reduction="sum") / q.shape[0]
+    assert r.numbers["kl_vs_fp"] == pytest.approx(want.item(), rel=1e-6) and r.numbers["kl_vs_fp"] > 0
+    assert r.numbers["top1_vs_fp"] == pytest.approx((q.argmax(-1) == f.argmax(-1)).double().mean().item())
 
 
 def test_no_reference_is_skipped_not_passed(copy):
