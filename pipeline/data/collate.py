@@ -16,6 +16,11 @@ expansion, with character offsets; the tokens overlapping the answer's character
 the generation prompt) are the answer. Image expansion only rewrites placeholders in the user turn,
 so everything from the answer on is the same token sequence in both tokenizations; that equality is
 checked for every row, and the span is placed counting from the end.
+
+``max_length`` skips longer rows (reason ``longer than max_length``) rather than truncating them:
+a cut would drop the answer (it comes last) or split an image's tokens from its pixel tensors.
+M-RoPE positions are not stored here: the capture pass records each sample's decoder-layer
+kwargs (``position_embeddings``, ...) in the activation store's meta (:mod:`.store`).
 """
 
 from __future__ import annotations

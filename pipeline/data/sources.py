@@ -141,6 +141,9 @@ class CalibSource:
     def __len__(self) -> int:
         return self.info.num_rows
 
+    def __iter__(self) -> Iterator[CalibRow]:
+        return self.rows()
+
     def order(self) -> np.ndarray:
         """The row ids in the order rows are offered to the collator."""
         return np.random.default_rng(self.seed).permutation(self.info.num_rows)

@@ -79,7 +79,7 @@ def test_skipped_rows_are_counted_by_reason(tmp_path, llava_processor):
     d = report.to_dict()
     assert d["skipped_total"] == 2 and d["examples"][S.R_BAD_IMAGE] == ["row 1"]
     # a bad row is replaced by the next one of the permutation: asking for 4 still gives 4
-    t4, r4 = C.build_calibration_table(src.rows(), llava_processor, llava_processor.image_token_id, max_rows=4)
+    t4, r4 = C.build_calibration_table(src, llava_processor, llava_processor.image_token_id, max_rows=4)
     assert t4.num_rows == 4 and r4.seen <= 6
 
 

@@ -115,7 +115,8 @@ def test_budget_blocks_a_writer_until_a_delete(tmp_path):
         for sid, t in rows:
             w.append(sid, t)
     one_layer = probe.bytes_used()
-    store = ActivationStore(str(tmp_path / "s"), max_bytes=int(one_layer * 1.5), chunk_rows=2, poll_interval=0.02)
+    store = ActivationStore(str(tmp_path / "s"), max_bytes=int(one_layer * 1.5), chunk_rows=2, poll_interval=0.02,
+                            wait_timeout=15)
     with store.writer(0) as w:
         for sid, t in rows:
             w.append(sid, t)
@@ -131,13 +132,13 @@ def test_budget_blocks_a_writer_until_a_delete(tmp_path):
             errors.append(e)
         done.set()
 
-    th = threading.Thread(target=second_layer)
+    th = threading.Thread(target=second_layer, daemon=True)
     th.start()
     assert not done.wait(0.5), "the second layer must wait: it does not fit beside the first"
     assert not store.is_complete(1) and store.bytes_used() <= store.max_bytes
     store.delete(0)
     assert done.wait(20) and not errors
-    th.join()
+    th.join(5)
     assert store.complete_layers() == [1]
     got = [r for c in store.iter_layer(1) for r in c]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, rows))
