@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import VlmqError
-from ..quant.quantizer import QuantizedWeight
+from ..quant.quantizer import QuantizedWeight, fake_quantize_activations
 from .layout import SUFFIXES, act_bits_of, decompress_weight, resolve_schemes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -138,6 +138,13 @@ def _swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def _act_fake_quant(bits: int) -> Any:
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (fake_quantize_activations(args[0], bits), *args[1:])
+
+    return hook
+
+
 def _quant_linear_class() -> Any:
     try:
         from kernels import QuantLinear  # type: ignore[attr-defined]
@@ -157,7 +164,9 @@ def load_quantized_model(
 ) -> nn.Module:
     """Rebuild the transformers model of a checkpoint, in eval mode, on ``device``.
 
-    ``fake``: dequantized weights (exact ``(q - zero) * scale`` cast to ``dtype``) in plain Linears.
+    ``fake``: dequantized weights (exact ``(q - zero) * scale`` cast to ``dtype``) in plain Linears;
+    when the config quantizes input activations (W4A8), each such Linear fake-quantizes its input
+    per token first (``quant.quantizer.fake_quantize_activations``).
     ``triton``: ``kernels.QuantLinear.from_quantized(qweight, bias, act_bits)`` in their place.
     """
     if backend not in BACKENDS:
@@ -181,6 +190,8 @@ def load_quantized_model(
             _set_tensor(model, f"{name}.weight", qw.dequantize(dtype).to(device))
             if bias is not None:
                 _set_tensor(model, f"{name}.bias", bias)
+            if act_bits < 16:  # W4A8: dynamic per-token activations, as the checkpoint's config says
+                model.get_submodule(name).register_forward_pre_hook(_act_fake_quant(act_bits))
         else:
             qw = QuantizedWeight(
                 qweight=qw.qweight.to(device),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,16 +23,27 @@ REFERENCE_PATH = "validation/reference.safetensors"
 _FORMAT = "vlmq-reference/1"
 
 
+@dataclass
+class Reference:
+    inputs: list[dict[str, torch.Tensor]]
+    logits: list[torch.Tensor]
+    fp_logits: list[torch.Tensor] | None
+    model_dtype: torch.dtype | None  # the dtype the reference model computed in (None: config's)
+
+
 def write_reference(
     directory: str | os.PathLike,
     inputs: list[dict[str, torch.Tensor]],
     logits: list[torch.Tensor],
     fp_logits: list[torch.Tensor] | None = None,
+    model_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``directory/validation/reference.safetensors``. ``inputs[i]`` are ``model(**inputs[i])`` kwargs.
+    """Write ``directory/validation/reference.safetensors``. ``inputs[i]`` are ``model(**inputs[i])`` kwargs
+    (floating inputs are cast to the model dtype when replayed).
 
     ``logits``: the fake-quant model's (what the checkpoint must reproduce); ``fp_logits``
-    (optional): the fp model's, so validate can also report KL and top-1 agreement against fp.
+    (optional): the fp model's, so validate can also report KL and top-1 agreement against fp;
+    ``model_dtype``: the dtype the reference model ran in, so validate reloads in the same one.
     """
     if len(inputs) != len(logits) or not inputs:
         raise ValueError(f"need one logits tensor per input sample, got {len(inputs)} inputs, {len(logits)} logits")
@@ -54,16 +66,17 @@ def write_reference(
         names.append(keys)
     path = Path(directory) / REFERENCE_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "vlmq_reference": _FORMAT, "inputs": json.dumps(names)})
+    meta = {"format": "pt", "vlmq_reference": _FORMAT, "inputs": json.dumps(names)}
+    if model_dtype is not None:
+        meta["model_dtype"] = str(model_dtype).removeprefix("torch.")
+    save_file(tensors, str(path), metadata=meta)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return path
 
 
-def read_reference(
-    ckpt_dir: str | os.PathLike,
-) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], list[torch.Tensor] | None] | None:
-    """(inputs, logits, fp_logits or None) from a checkpoint, or None when it has no reference file."""
+def read_reference(ckpt_dir: str | os.PathLike) -> Reference | None:
+    """The reference stored in a checkpoint, or None when it has none."""
     path = Path(ckpt_dir) / REFERENCE_PATH
     if not path.is_file():
         return None
@@ -77,4 +90,5 @@ def read_reference(
         fp = None
         if "sample0.fp_logits" in set(f.keys()):
             fp = [f.get_tensor(f"sample{i}.fp_logits") for i in range(len(names))]
-    return inputs, logits, fp
+    dtype = getattr(torch, meta["model_dtype"]) if "model_dtype" in meta else None
+    return Reference(inputs=inputs, logits=logits, fp_logits=fp, model_dtype=dtype)

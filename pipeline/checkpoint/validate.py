@@ -175,19 +175,21 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
     ref = read_reference(ckpt_dir)
     if ref is None:
         return CheckResult("outputs", "skip", "no validation/reference.safetensors: outputs not compared")
-    inputs, ref_logits, fp_logits = ref
-    inputs, ref_logits = inputs[:n_samples], ref_logits[:n_samples]
-    model_dtype = config_dtype(read_config(ckpt_dir))
+    n = max(1, n_samples)
+    inputs, ref_logits = ref.inputs[:n], ref.logits[:n]
+    model_dtype = ref.model_dtype or config_dtype(read_config(ckpt_dir))
     rtol = rtol if rtol is not None else DEFAULT_RTOL.get(model_dtype, 1e-2)
-    model = load_quantized_model(ckpt_dir, backend=backend, device=device)
+    model = load_quantized_model(ckpt_dir, backend=backend, dtype=model_dtype, device=device)
     worst_rel, worst_abs, agree, total = 0.0, 0.0, 0, 0
     outs = []
     with torch.no_grad():
         for inp, ref_l in zip(inputs, ref_logits):
-            out = model(**{k: v.to(device) for k, v in inp.items()}).logits.float().cpu()
+            moved = {k: v.to(device, model_dtype) if v.is_floating_point() else v.to(device) for k, v in inp.items()}
+            out = model(**moved, use_cache=False).logits.float().cpu()
             ref_f = ref_l.float()
-            if out.shape != ref_f.shape:
+            if out.numel() != ref_f.numel():
                 return CheckResult("outputs", "fail", f"logits shape {tuple(out.shape)} != reference {tuple(ref_f.shape)}")
+            out = out.reshape(ref_f.shape)  # a stored [T, V] reference against [1, T, V] logits
             diff = (out - ref_f).abs().max().item()
             worst_abs = max(worst_abs, diff)
             worst_rel = max(worst_rel, diff / max(ref_f.abs().max().item(), 1e-12))
@@ -197,8 +199,8 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
     nums = {"samples": len(inputs), "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "rtol": rtol,
             "top1_agreement": agree / max(total, 1), "backend": backend}  # fmt: skip
     msg = f"{len(inputs)} samples, max |diff| {worst_abs:.3g} ({worst_rel:.3g} of max |logit|, tol {rtol:g}), top-1 agreement {agree / max(total, 1):.4f}"
-    if fp_logits is not None:
-        kl, top1 = fidelity_vs_fp(outs, fp_logits[: len(outs)])
+    if ref.fp_logits is not None:
+        kl, top1 = fidelity_vs_fp(outs, ref.fp_logits[: len(outs)])
         nums.update(kl_vs_fp=kl, top1_vs_fp=top1)
         msg += f"; vs fp: KL {kl:.4g}, top-1 {top1:.4f}"
     return CheckResult("outputs", "pass" if worst_rel <= rtol else "fail", msg, nums)
@@ -208,6 +210,7 @@ def fidelity_vs_fp(quant: list[torch.Tensor], fp: list[torch.Tensor]) -> tuple[f
     """Mean per-position KL(fp || quant) in nats, and top-1 agreement, over all samples' positions."""
     kl_sum, agree, n = 0.0, 0, 0
     for q, f in zip(quant, fp):
+        f = f.reshape(q.shape)
         lq = torch.log_softmax(q.double(), -1)
         lf = torch.log_softmax(f.double(), -1)
         kl_sum += (lf.exp() * (lf - lq)).sum(-1).sum().item()

@@ -108,7 +108,8 @@ def test_wrong_bits_in_config_fails_layout(copy):
 
 
 def test_outputs_disagreeing_with_reference_fail(copy):
-    inputs, logits, _ = read_reference(copy)
+    ref = read_reference(copy)
+    inputs, logits = ref.inputs, ref.logits
     g = torch.Generator().manual_seed(0)
     bumped = [lg + 0.01 * lg.abs().max() * torch.randn(lg.shape, generator=g) for lg in logits]
     write_reference(copy, inputs, bumped)
@@ -120,7 +121,8 @@ def test_outputs_disagreeing_with_reference_fail(copy):
 
 def test_fidelity_against_fp_is_reported(copy, source, adapter):
     """With fp logits in the reference, the outputs check also reports KL(fp || quant) and top-1 vs fp."""
-    inputs, logits, _ = read_reference(copy)
+    ref = read_reference(copy)
+    inputs, logits = ref.inputs, ref.logits
     fp_model = build_model(source, adapter, dtype=torch.float32)
     with torch.no_grad():
         fp = [fp_model(**x).logits for x in inputs]
