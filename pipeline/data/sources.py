@@ -284,14 +284,14 @@ class ParquetSource(CalibSource):
         cols = resolve_columns(self._file.schema_arrow.names, str(path))
         meta = self._file.metadata
         self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._cache: OrderedDict[int, list[dict[str, Any]]] = OrderedDict()
+        self._cache: OrderedDict[int, Any] = OrderedDict()  # row group -> pyarrow.Table
         info = SourceInfo("parquet", str(path), int(meta.num_rows), cols)
         super().__init__(info, num_samples, seed, image_root or path.parent)
 
-    def _group(self, g: int) -> list[dict[str, Any]]:
+    def _group(self, g: int) -> Any:
         if g not in self._cache:
             assert self.info.columns is not None
-            self._cache[g] = self._file.read_row_group(g, columns=self.info.columns.needed()).to_pylist()
+            self._cache[g] = self._file.read_row_group(g, columns=self.info.columns.needed())
             while len(self._cache) > 1:  # one row group of images is enough to hold
                 self._cache.popitem(last=False)
         return self._cache[g]
@@ -300,7 +300,7 @@ class ParquetSource(CalibSource):
         out: dict[int, dict[str, Any]] = {}
         for rid in sorted(ids):  # sorted: each row group is read once per chunk
             g = int(np.searchsorted(self._starts, rid, side="right") - 1)
-            out[rid] = self._group(g)[rid - int(self._starts[g])]
+            out[rid] = self._group(g).slice(rid - int(self._starts[g]), 1).to_pylist()[0]
         return [out[i] for i in ids]
 
 

@@ -268,7 +268,10 @@ class ActivationStore:
             yield chunk
 
     def delete(self, layer: int) -> None:
-        """Remove a layer: its complete stream and any partial one left by a lost writer."""
+        """Remove a layer: its complete stream and any partial one left by a lost writer.
+
+        Do not delete a layer that a live writer is still writing: its ``close()`` would fail.
+        """
         for lay, _, _, info in self._entries():
             if lay == layer:
                 _delete_file(self.fs, info.path)
