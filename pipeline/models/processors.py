@@ -91,6 +91,19 @@ def make_processor(processor_cls: type, video_processor: Any = None, **kwargs: A
     return processor_cls(**kwargs)
 
 
+def _pil_image_processor(p: Path, proc_dict: dict[str, Any]) -> Any:
+    """The PIL-backend image processor named in the processor config (no torchvision needed)."""
+    sub = proc_dict.get("image_processor") or {}
+    name = str(sub.get("image_processor_type", ""))
+    base = name[: -len("Pil")] if name.endswith("Pil") else name
+    cls = getattr(transformers, base + "Pil", None)
+    if cls is None:
+        raise VlmqError(f"{p}: image processor {name!r} has no PIL backend in transformers "
+                        f"{transformers.__version__}, and torchvision is not installed",
+                        "install torchvision matching your torch, or use a supported model")
+    return cls.from_pretrained(str(p), local_files_only=True)
+
+
 def load_processor(path: str | Path) -> ProcessorMixin:
     """The model's processor from a local folder, offline; works without torchvision too."""
     p = Path(path)
@@ -112,7 +125,7 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     if processor_cls is None or not needs_video_processor(processor_cls):
         return transformers.AutoProcessor.from_pretrained(str(p), local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    image_processor = transformers.AutoImageProcessor.from_pretrained(str(p), local_files_only=True, backend="pil")
+    image_processor = _pil_image_processor(p, proc_dict)
     init_params = inspect.signature(processor_cls.__init__).parameters
     skip = {"self", "image_processor", "tokenizer", "video_processor", "chat_template"}
     kwargs = {k: v for k, v in proc_dict.items() if k in init_params and k not in skip}
