@@ -22,6 +22,16 @@ SCHEMES = {
 }
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """Tiny models run much faster on one thread when the 2 cores are shared (OpenMP workers spin
+    against other processes). Package scope: restored after the last checkpoint test."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA saved with save_pretrained (legacy on-disk keys) plus processor files."""

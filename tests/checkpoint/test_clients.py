@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -158,10 +160,16 @@ class _FakeQuantLinear(nn.Module):
         return nn.functional.linear(x, self.w.to(x.dtype), self.b)
 
 
-def test_triton_backend_swaps_in_quantlinear(monkeypatch, tmp_path, written, quantized, ref_logits, source, adapter, sample_inputs):
-    import kernels
+def _stub_kernels(monkeypatch, **attrs) -> None:
+    """Replace the ``kernels`` package for the duration of a test (it exposes QuantLinear lazily)."""
+    stub = types.ModuleType("kernels")
+    for k, v in attrs.items():
+        setattr(stub, k, v)
+    monkeypatch.setitem(sys.modules, "kernels", stub)
 
-    monkeypatch.setattr(kernels, "QuantLinear", _FakeQuantLinear, raising=False)
+
+def test_triton_backend_swaps_in_quantlinear(monkeypatch, tmp_path, written, quantized, ref_logits, source, adapter, sample_inputs):
+    _stub_kernels(monkeypatch, QuantLinear=_FakeQuantLinear)
     _FakeQuantLinear.calls = []
     model = load_quantized_model(written["w4g32sym"], backend="triton", dtype=torch.float32)
     swapped = [n for n, m in model.named_modules() if isinstance(m, _FakeQuantLinear)]
@@ -187,9 +195,7 @@ def test_triton_backend_swaps_in_quantlinear(monkeypatch, tmp_path, written, qua
 
 
 def test_triton_backend_unavailable_is_a_clear_error(monkeypatch, written):
-    import kernels
-
-    monkeypatch.delattr(kernels, "QuantLinear", raising=False)
+    _stub_kernels(monkeypatch)  # a kernels package without QuantLinear
     with pytest.raises(VlmqError, match="kernels.QuantLinear"):
         load_quantized_model(written["w4g32sym"], backend="triton")
 
