@@ -1,1 +1,35 @@
-"""Triton kernels for packed low-bit weights (pure torch/Triton: no Ray, no file I/O)."""
+"""Triton kernels for packed low-bit weights (pure torch/Triton: no Ray, no file I/O).
+
+Public API (imported lazily, so ``import kernels`` loads neither torch nor triton):
+
+- ``QuantLinear``: ``QuantLinear.from_quantized(qweight, bias=None, act_bits=16)``, ``forward(x)``.
+- ``matmul(x, packed, bias)``: the dispatcher (GEMV for small M, dequant-tile GEMM otherwise);
+  ``gemv``, ``gemm``, ``w4a8``, ``quantize_act`` for a chosen path.
+- ``pack`` / ``unpack`` / ``PackedWeight``: the load-time repack (``kernels.layout``).
+- ``kernels.reference``: the float64 fake-quant references.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "QuantLinear": ("linear", "QuantLinear"),
+    "PackedWeight": ("layout", "PackedWeight"),
+    "pack": ("layout", "pack"),
+    "unpack": ("layout", "unpack"),
+    "matmul": ("dispatch", "matmul"),
+    "gemv": ("dispatch", "gemv"),
+    "gemm": ("dispatch", "gemm"),
+    "w4a8": ("dispatch", "w4a8"),
+    "quantize_act": ("dispatch", "quantize_act"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

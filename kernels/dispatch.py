@@ -124,8 +124,57 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, MAGIC_BITS,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel,
         GROUP_ROWS=rb if per_channel else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk,
-        GROUP_M=cfg.GROUP_M, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        GROUP_M=cfg.GROUP_M, HAS_BIAS=bias is not None, SPLIT=split > 1, TRANS=cfg.trans,
+        DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         EVICT=cfg.evict and not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes and fp32 scales of ``x`` [M, K] (one pass per row)."""
+    from .w4a8 import quant_act_kernel
+
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    bk = min(1024, max(16, triton_next_pow2(k)))
+    quant_act_kernel[(m,)](x, q, s, m, k, x.stride(0), q.stride(0), BK=bk, num_warps=4)
+    return q, s
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, cfg: GemmConfig | None = None, fuse: bool | None = None) -> torch.Tensor:
+    """``quant_int8(x) @ W^T`` with per-channel symmetric int weights, int8 tensor cores."""
+    from .w4a8 import w4a8_kernel
+
+    if not pw.symmetric or pw.group_size is not None or pw.bits not in (2, 4, 8):
+        raise ValueError("W4A8 needs symmetric per-channel 2/4/8-bit weights")
+    x, out, _, b = _common(x, pw, bias, out)
+    m, n, k = x.shape[0], pw.out_features, pw.in_features
+    cfg = cfg or gemm_config(pw.bits, m, n, k)
+    fuse = m <= 16 if fuse is None else fuse
+    if fuse:
+        xin, sx = x, pw.scale  # sx unused
+    else:
+        xin, sx = quantize_act(x)
+    bk = max(cfg.BK, 32)
+    tiles = -(-m // cfg.BM) * -(-n // cfg.BN)
+    iters = pw.k_pad // bk
+    want = cfg.split if cfg.split is not None else (None if tiles < sm_count(x.device) else 1)
+    split, per = _split(tiles, iters, want, sm_count(x.device), cfg.waves)
+    ws, cnt = workspace(x.device, m * n, tiles) if split > 1 else (out, out)
+    w4a8_kernel[(tiles, split)](
+        xin, sx, pw.words, pw.scale, b, out, ws, cnt,
+        m, n, k, xin.stride(0), out.stride(0), pw.rows, per,
+        BITS=pw.bits, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk, GROUP_M=cfg.GROUP_M, FUSE=fuse,
+        TRANS=cfg.trans, HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 

@@ -17,7 +17,8 @@ from .decode import decode_rows, load_rows, splitk_epilogue
 @triton.jit
 def dequant_tile(words_ptr, scale_ptr, zero_ptr, it, col, sz_col, rows_total, groups_pad, magic,
                  BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                 T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DTYPE: tl.constexpr, EVICT: tl.constexpr):
+                 T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, DTYPE: tl.constexpr, EVICT: tl.constexpr,
+                 TRANS: tl.constexpr):
     """Rows ``[it*RB, (it+1)*RB)`` of the packed weight as a ``[BK, BN]`` tile of DTYPE."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -29,20 +30,28 @@ def dequant_tile(words_ptr, scale_ptr, zero_ptr, it, col, sz_col, rows_total, gr
     j3 = tl.arange(0, V)[None, None, :]
     u = decode_rows(w0, w1, w2, j3, magic, BITS, OFFSET)  # [RB, BN, V]
     if PER_CHANNEL:
-        if not SYM:
+        if not SYM:  # keep (u - z) exact; the scale is applied after the dot
             u -= tl.load(zero_ptr + sz_col).to(tl.float32)[None, :, None]
     else:
+        # (u - z) * s as one FMA: u * s - (z * s)
         if RB > GROUP_ROWS:
             sp = sz_col[None, :] + (rows // GROUP_ROWS)[:, None] * T
-            if not SYM:
-                u -= tl.load(zero_ptr + sp).to(tl.float32)[:, :, None]
-            u *= tl.load(scale_ptr + sp).to(tl.float32)[:, :, None]
+            s = tl.load(scale_ptr + sp).to(tl.float32)[:, :, None]
+            if SYM:
+                u = u * s
+            else:
+                u = u * s - tl.load(zero_ptr + sp).to(tl.float32)[:, :, None] * s
         else:
             sp = sz_col + ((it * RB) // GROUP_ROWS) * T
-            if not SYM:
-                u -= tl.load(zero_ptr + sp).to(tl.float32)[None, :, None]
-            u *= tl.load(scale_ptr + sp).to(tl.float32)[None, :, None]
-    w = tl.reshape(tl.permute(u, (0, 2, 1)), (BK, BN))
+            s = tl.load(scale_ptr + sp).to(tl.float32)[None, :, None]
+            if SYM:
+                u = u * s
+            else:
+                u = u * s - tl.load(zero_ptr + sp).to(tl.float32)[None, :, None] * s
+    if TRANS:  # [BN, RB, V] -> [BN, BK]: the tile as the A operand of out^T = W x^T
+        w = tl.reshape(tl.permute(u, (1, 0, 2)), (BN, BK))
+    else:
+        w = tl.reshape(tl.permute(u, (0, 2, 1)), (BK, BN))
     return w.to(DTYPE)
 
 
@@ -52,7 +61,8 @@ def gemm_kernel(
     M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, magic,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, TRANS: tl.constexpr,
+    DOT_F32: tl.constexpr = False,
 ):
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -76,19 +86,28 @@ def gemm_kernel(
     sz_col = (n0 // T) * (groups_pad * T) + (n0 % T) + tl.arange(0, BN)
     sz_col = tl.max_contiguous(tl.multiple_of(sz_col, BN), BN)
     offs_k = tl.arange(0, BK)
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    # the CPU interpreter mangles fp32 -> bf16 casts feeding tl.dot; there (only) the dot runs in fp32
+    DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
 
     n_iters = rows_total // RB
     it0 = pid_k * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if TRANS:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     for it in range(it0, it1):
         kk = it * BK + offs_k
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
+                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0).to(DTYPE)
         wt = dequant_tile(words_ptr, scale_ptr, zero_ptr, it, col, sz_col, rows_total, groups_pad, magic,
-                          BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BK, BN, DTYPE, EVICT)
-        acc = tl.dot(xa, wt, acc)
+                          BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BK, BN, DTYPE, EVICT, TRANS)
+        if TRANS:  # weights on the M side of the MMA: small M fills the N side
+            acc = tl.dot(wt, tl.trans(xa), acc)
+        else:
+            acc = tl.dot(xa, wt, acc)
+    if TRANS:
+        acc = tl.trans(acc)
     if PER_CHANNEL:
         acc *= tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
     splitk_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,

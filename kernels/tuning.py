@@ -42,6 +42,7 @@ class GemmConfig:
     split: int | None = None  # None: split-K only when the tiles do not fill the GPU
     evict: bool = False
     waves: float = 2.0
+    trans: bool = False  # weights as the MMA's A operand (from registers): for small M
 
 
 def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:
@@ -56,9 +57,9 @@ def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:
 
 def gemm_config(bits: int, m: int, n: int, k: int) -> GemmConfig:
     if m <= 16:
-        return GemmConfig(BM=16, BN=128, BK=128, num_warps=4, num_stages=3, evict=True, waves=4.0)
+        return GemmConfig(BM=16, BN=128, BK=128, num_warps=4, num_stages=3, evict=True, waves=4.0, trans=True)
     if m <= 64:
-        return GemmConfig(BM=64, BN=128, BK=128, num_warps=4, num_stages=3, evict=True, waves=2.0)
+        return GemmConfig(BM=64, BN=128, BK=128, num_warps=4, num_stages=3, evict=True, waves=2.0, trans=True)
     if m <= 256:
         return GemmConfig(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
     return GemmConfig(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)

@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--sass", action="store_true", help="print the hot loop")
+    ap.add_argument("--trans", action="store_true")
     ap.add_argument("--uneven", action="store_true", help="masked x loads")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
@@ -153,7 +154,7 @@ def main() -> None:
         vals = (max(a.group // v, a.r) if a.group else a.r) * a.bn * v
     else:
         from kernels.gemm import gemm_kernel
-        c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.bk // v, BM=a.bm, BN=a.bn, BK=a.bk, GROUP_M=8)
+        c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.bk // v, BM=a.bm, BN=a.bn, BK=a.bk, GROUP_M=8, TRANS=a.trans)
         k = compile_kernel(gemm_kernel, sig, c, a.warps, a.stages)
         vals = a.bk * a.bn
     print(resource_usage(k))

@@ -1,0 +1,104 @@
+"""``QuantLinear``: an ``nn.Module`` that runs a packed low-bit Linear on the Triton kernels.
+
+The checkpoint loader builds it with ``QuantLinear.from_quantized(qweight, bias, act_bits)``.
+Buffers (packed words, scales, zero points) follow ``.to(device)`` like any module; on a CPU
+tensor without the Triton interpreter the forward falls back to dequantize + matmul in torch, so
+a packed model still runs (slowly) anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layout import DEFAULT_TILE, PackedWeight, pack, unpack
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W_hat^T + b`` with ``W_hat = (q - zero) * scale`` stored packed."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, act_bits: int = 16):
+        super().__init__()
+        if act_bits not in (8, 16):
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+        if act_bits == 8 and (not packed.symmetric or packed.group_size is not None or packed.bits == 3):
+            raise ValueError("8-bit activations need symmetric per-channel 2/4/8-bit weights (W4A8)")
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.bits = packed.bits
+        self.group_size = packed.group_size
+        self.symmetric = packed.symmetric
+        self.act_bits = act_bits
+        self.tile = packed.tile
+        self.register_buffer("words", packed.words)
+        self.register_buffer("scale", packed.scale)
+        self.register_buffer("zero", packed.zero)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_quantized(cls, qweight, bias: torch.Tensor | None = None, act_bits: int = 16,
+                       tile: int = DEFAULT_TILE) -> "QuantLinear":
+        """Repack a ``pipeline.quant.quantizer.QuantizedWeight`` (kept on its device)."""
+        from pipeline.errors import VlmqError
+
+        s = qweight.scheme
+        if act_bits == 8 and (not s.symmetric or s.group_size is not None or s.bits not in (2, 4, 8)):
+            raise VlmqError(
+                f"W{s.bits}A8 needs symmetric per-channel weights; got "
+                f"{'symmetric' if s.symmetric else 'asymmetric'} group_size={s.group_size}",
+                "quantize with symmetric: true and group_size: null (per-channel) for 8-bit activations",
+            )
+        if act_bits not in (8, 16):
+            raise VlmqError(f"act_bits must be 8 or 16, got {act_bits}", "use 16 (weight-only) or 8 (W4A8)")
+        if bias is not None and bias.shape != (qweight.shape[0],):
+            raise VlmqError(f"bias has shape {tuple(bias.shape)}, expected ({qweight.shape[0]},)",
+                            "pass the Linear's own bias or None")
+        return cls(pack(qweight, tile=tile), bias, act_bits)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.words, self.scale, self.zero, self.bits, self.group_size, self.symmetric,
+                            self.in_features, self.out_features, self.tile)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[out, in]`` in ``dtype`` (exact in fp32): the torch fallback and a debugging aid."""
+        q, s, z = unpack(self.packed)
+        n, k = q.shape
+        g = k if self.group_size is None else self.group_size
+        w = q.float().reshape(n, k // g, g)
+        if z is not None:
+            w = w - z.float().unsqueeze(-1)
+        return (w * s.float().unsqueeze(-1)).reshape(n, k).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import dispatch
+
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
+        if x.device.type != "cuda" and not dispatch.interpreting():
+            y = self._torch_forward(x2)
+        elif self.act_bits == 8:
+            y = dispatch.w4a8(x2, self.packed, self.bias)
+        else:
+            y = dispatch.matmul(x2, self.packed, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.act_bits == 8:
+            from .reference import quantize_act_int8
+
+            q, s = quantize_act_int8(x2)
+            xin = q.float() * s
+        else:
+            xin = x2.float()
+        y = xin @ self.dequantize(torch.float32).t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x2.dtype)
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size is None else self.group_size
+        return (f"in={self.in_features}, out={self.out_features}, w{self.bits}a{self.act_bits}, group={g}, "
+                f"{'sym' if self.symmetric else 'asym'}, bias={self.bias is not None}")

@@ -1,0 +1,112 @@
+"""Weight-only kernels (GEMV and dequant-tile GEMM) against the float64 fake-quant reference.
+
+Runs in the Triton interpreter on CPU. Outputs are poisoned with NaN before each launch, shapes
+are odd (N not a multiple of the block, K not a multiple of 128 where the scheme allows it), and
+inputs are fresh random draws every run.
+"""
+
+import pytest
+import torch
+
+from kernels.dispatch import gemm, gemv, matmul
+from kernels.layout import pack
+from kernels.reference import linear_ref, weight_f64
+from kernels.tuning import GemmConfig, GemvConfig
+
+from kt_helpers import assert_matches, random_qweight, random_x
+
+
+def _k(group, bits):
+    return 100 if group is None else 3 * group  # per-channel: K not a multiple of any block
+
+
+def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4):
+    k = _k(group, bits)
+    qw = random_qweight(n, k, bits, group, sym, dtype, gen)
+    pw = pack(qw, tile=32, device=device)
+    x = random_x(m, k, dtype, gen, device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split))
+    assert y is out
+    assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group", [32, 128, None])
+def test_gemv_fp16(bits, sym, group, gen, device):
+    _run_gemv(1, 37, bits, group, sym, torch.float16, gen, device, split=1)
+    _run_gemv(3, 37, bits, group, sym, torch.float16, gen, device, split=2, bias=True)
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, False, 64), (3, True, 64), (8, False, None), (2, False, 32)])
+def test_gemv_bf16(bits, sym, group, gen, device):
+    _run_gemv(2, 33, bits, group, sym, torch.bfloat16, gen, device, split=3, bias=True)
+
+
+@pytest.mark.parametrize("n", [1, 5, 32])
+def test_gemv_small_n(n, gen, device):
+    _run_gemv(1, n, 4, 64, False, torch.float16, gen, device, split=2)
+
+
+def _run_gemm(m, n, bits, group, sym, dtype, gen, device, cfg, bias=False):
+    k = _k(group, bits)
+    qw = random_qweight(n, k, bits, group, sym, dtype, gen)
+    pw = pack(qw, tile=32, device=device)
+    x = random_x(m, k, dtype, gen, device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    y = gemm(x, pw, b, out=out, cfg=cfg)
+    # the tile is rounded to 16 bits before the dot: one more rounding than the GEMV
+    assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype, slack=3.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group", [64, None])
+def test_gemm_fp16(bits, sym, group, gen, device):
+    bk = 32 if bits == 3 else 64
+    _run_gemm(19, 37, bits, group, sym, torch.float16, gen, device, GemmConfig(BM=16, BN=32, BK=bk, split=1))
+    _run_gemm(5, 37, bits, group, sym, torch.float16, gen, device,
+              GemmConfig(BM=16, BN=32, BK=bk, split=2, trans=True), bias=True)
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, False, 32), (3, False, None), (8, True, 128)])
+def test_gemm_bf16(bits, sym, group, gen, device):
+    _run_gemm(17, 33, bits, group, sym, torch.bfloat16, gen, device, GemmConfig(BM=16, BN=32, BK=32, split=2),
+              bias=True)
+
+
+def test_gemm_block_spans_groups(gen, device):
+    """BK larger than the group: scales gathered per row inside one tile."""
+    _run_gemm(18, 40, 4, 32, False, torch.float16, gen, device, GemmConfig(BM=16, BN=32, BK=128, split=1))
+
+
+def test_dispatch_and_leading_shapes(gen, device):
+    from kernels import QuantLinear
+
+    qw = random_qweight(40, 128, 4, 64, False, torch.float16, gen)
+    lin = QuantLinear.from_quantized(qw, None).to(device)
+    lin.tile  # noqa: B018
+    for shape in [(1, 128), (2, 3, 128), (20, 128)]:
+        x = random_x(int(torch.tensor(shape[:-1]).prod()), 128, torch.float16, gen, device).reshape(shape)
+        y = lin(x)
+        assert y.shape == (*shape[:-1], 40)
+        assert_matches(y.reshape(-1, 40), linear_ref(x.reshape(-1, 128).cpu(), qw), x.reshape(-1, 128),
+                       weight_f64(qw), torch.float16, slack=3.0)
+    assert matmul is not None
+
+
+def test_checker_catches_one_wrong_code(gen, device):
+    """The comparison is sharp enough to see a single wrong code (by half the range) in one column."""
+    qw = random_qweight(37, 96, 4, 32, False, torch.float16, gen)
+    x = random_x(1, 96, torch.float16, gen, device)
+    x[0, 40] = 1.5
+    ref = linear_ref(x.cpu(), qw)
+    bad = random_qweight(37, 96, 4, 32, False, torch.float16, gen)
+    bad.qweight, bad.scale, bad.zero = qw.qweight.clone(), qw.scale.clone(), qw.zero.clone()
+    bad.qweight[11, 40] = (bad.qweight[11, 40] + 8) % 16
+    y = gemv(x, pack(bad, tile=32, device=device), cfg=GemvConfig(BN=32, R=4, split=1))
+    with pytest.raises(AssertionError):
+        assert_matches(y, ref, x, weight_f64(qw), torch.float16)
