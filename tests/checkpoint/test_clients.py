@@ -221,3 +221,17 @@ def test_mixed_precision_gets_one_group_per_scheme(tmp_path, source, quantized):
     got = {m: qw for m, qw, _ in iter_quantized(ckpt)}
     assert {m: g.scheme for m, g in got.items()} == {m: qw.scheme for m, qw in mixed.items()}
     assert check_layout(ckpt).status == "pass"
+
+
+@pytest.mark.parametrize("name", ["w4g32sym", "w3g64asym"])
+def test_real_quantlinear_reproduces_the_reference(name, written):
+    """The kernels package's QuantLinear (its torch fallback on CPU, Triton on GPU) through validate."""
+    from pipeline.checkpoint import validate_checkpoint
+    from pipeline.checkpoint.loader import load_quantized_model
+
+    pytest.importorskip("kernels.linear")
+    model = load_quantized_model(written[name], backend="triton")
+    swapped = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
+    assert len(swapped) == 14
+    r = validate_checkpoint(written[name], backend="triton")
+    assert r.check("outputs").status == "pass", r.check("outputs").message
