@@ -60,8 +60,13 @@ def test_saved_processor_loads_offline_and_agrees(tiny, family):
     a = chat_inputs(processor, seeds=(62, 63), sizes=((33, 47), (58, 29)))
     b = chat_inputs(loaded, seeds=(62, 63), sizes=((33, 47), (58, 29)))
     assert sorted(a) == sorted(b)
+    # where torchvision exists, AutoProcessor picks its backend: same pipeline, float-level differences
+    same_backend = type(loaded.image_processor).__name__ == type(processor.image_processor).__name__
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        if k == "pixel_values" and not same_backend:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.05)
+        else:
+            assert torch.equal(a[k], b[k]), k
     if family == "llava" or torchvision_available():
         auto = transformers.AutoProcessor.from_pretrained(tiny.saved(family), local_files_only=True)
         assert type(auto).__name__ == PROCESSOR_CLASSES[family].__name__
