@@ -53,7 +53,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-mode", dest="calib.mode", choices=("caption", "qa", "mixed"), default=S,
                    help="built-in set: caption rows (MBQ's choice), QA rows, or both")
     g.add_argument("--image-dir", dest="calib.image_dir", default=S, help="JSONL sources: folder the image paths are relative to")
-    g.add_argument("--max-length", dest="calib.max_length", type=int, default=S, help="truncate samples to this many tokens")
+    g.add_argument("--split", dest="calib.split", default=S, help="datasets DatasetDict folders: which split (default train)")
+    g.add_argument("--max-length", dest="calib.max_length", type=int, default=S, help="skip samples longer than this many tokens (a cut would lose the answer)")
     g.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=S,
                    help="allow .bin/.pt (pickle) weights; safetensors only otherwise")
     g = p.add_argument_group("recipe")

@@ -33,7 +33,8 @@ class CalibSpec:
     mode: str = "caption"  # builtin only: caption | qa | mixed
     image_dir: str | None = None  # JSONL: folder images are relative to (default: the JSONL's folder)
     holdout: int = 8  # extra held-out samples for fidelity (KL, top-1) and validation
-    max_length: int | None = None  # truncate longer samples (tokens)
+    max_length: int | None = None  # skip longer samples (tokens): a cut would lose the answer
+    split: str | None = None  # datasets DatasetDict folders: which split (default train)
 
 
 @dataclass

@@ -32,14 +32,18 @@ class CaptureWorker:
         self.layers = self.model.get_submodule(self.adapter.layers_path)
         self.store = ActivationStore(ctx.store_root, max_bytes=ctx.store_max_bytes)
         self.writers: dict[int, Any] = {}
-        self.stats = {"samples": 0, "tokens": 0, "seconds": 0.0}
+        self.stats: dict[str, Any] = {"samples": 0, "tokens": 0, "seconds": 0.0}
+        # MBQ: the gradient pass runs on the same worker, one sample at a time
+        self.want_sensitivity = ctx.recipe.method in ("mbq", "qvlm+mbq")
+        self.sensitivity: dict = {}
 
     def begin(self) -> int:
         self.writers = {i: self.store.writer(i) for i in range(len(self.layers))}
         return len(self.layers)
 
     def capture_batch(self, table_path: str, rows: list[int]) -> dict[str, Any]:
-        from ..data.collate import load_table, row_masks, row_to_model_inputs
+        from ..data.collate import load_table, row_labels, row_masks, row_to_model_inputs
+        from ..quant.sensitivity import merge_stats, model_sensitivity
 
         t0 = time.perf_counter()
         table = load_table(table_path)
@@ -55,6 +59,11 @@ class CaptureWorker:
             meta = {k: _cpu(v) for k, v in kwargs.items()}
             meta.update(masks)
             self.store.put_meta(sid, meta)
+            if self.want_sensitivity:
+                labels = row_labels(table, r).to(self.device)
+                st = model_sensitivity(self.model, self.layers, inputs, labels,
+                                       masks["vision_mask"].to(self.device), masks["answer_mask"].to(self.device))
+                self.sensitivity = merge_stats(self.sensitivity, st)
             self.stats["samples"] += 1
             self.stats["tokens"] += int(masks["vision_mask"].numel())
         self.stats["seconds"] += time.perf_counter() - t0
@@ -64,7 +73,7 @@ class CaptureWorker:
         for w in self.writers.values():
             w.close()
         self.writers = {}
-        return dict(self.stats)
+        return {**self.stats, "sensitivity_stats": self.sensitivity or None}
 
 
 def _cpu(v: Any) -> Any:

@@ -8,7 +8,6 @@ write part files, and the gather reads part files only.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,11 +135,18 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
         from ..quant import needs_calibration
         from .stages import gather, reference, run_capture, run_search
 
+        sensitivity = None
         if needs_calibration(spec.recipe.method):
             with _stage(stages, "capture"):
-                run_capture(ctx, ray_ctx, table_path, prep.num_layers, view)
+                cap = run_capture(ctx, ray_ctx, table_path, prep.num_layers, view)
+            if cap.get("sensitivity_stats"):
+                from ..quant.sensitivity import ratios
+
+                sensitivity = ratios(cap["sensitivity_stats"], spec.recipe.sensitivity_floor)
+                unfloored = ratios(cap["sensitivity_stats"], "none")
+                view.info("MBQ sensitivity r_attn " + " ".join(f"{v['r_attn']:.2f}" for v in sensitivity.values()))
         with _stage(stages, "search"):
-            block_summaries = run_search(ctx, ray_ctx, prep.num_layers, view)
+            block_summaries = run_search(ctx, ray_ctx, prep.num_layers, view, sensitivity)
         with _stage(stages, "reference + fidelity"):
             ref = reference(ctx, ray_ctx, holdout_path, view)
         report = {
@@ -152,6 +158,9 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             "fidelity": ref["fidelity"],
             "stages_s": stages,
         }
+        if sensitivity:
+            report["sensitivity"] = {"ratios": sensitivity, "unfloored": unfloored,
+                                     "floor": spec.recipe.sensitivity_floor}
         with _stage(stages, "gather"):
             out = gather(ctx, spec, prep, ref, report, view)
     finally:
@@ -170,7 +179,9 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
         raise VlmqError(f"the checkpoint written to {out} failed validation:\n{format_report(validation)}",
                         "this is a bug in vlmq; please report it with the work directory " + str(work))
     if not spec.keep_work:
-        shutil.rmtree(work / "acts", ignore_errors=True)
+        from ..data.store import ActivationStore
+
+        ActivationStore(ctx.store_root).destroy()
     return result
 
 
