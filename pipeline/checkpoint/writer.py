@@ -144,8 +144,14 @@ class _QuantizedInput:
             return {f"{module}.{k}": f.get_tensor(f"{module}.{k}") for k in layout}
 
 
+def _cast(load: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype | None) -> Callable[[], dict[str, torch.Tensor]]:
+    if dtype is None:
+        return load
+    return lambda: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load().items()}
+
+
 def _plan_units(
-    source: WeightSource, qin: _QuantizedInput, replaced: Mapping[str, torch.Tensor]
+    source: WeightSource, qin: _QuantizedInput, replaced: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
 ) -> list[_Unit]:
     """Every output tensor in source order, checked against the source before anything is written."""
     keys = source.keys()
@@ -183,14 +189,29 @@ def _plan_units(
             units.append(
                 _Unit([f"{mod}.{s}" for s in layout], sum(_nbytes(*v) for v in layout.values()), lambda m=mod: qin.load(m))
             )
-        elif k in replaced:
-            units.append(_Unit([k], _nbytes(replaced[k].shape, replaced[k].dtype), lambda k=k: {k: replaced[k]}))
-        elif k in qin.replaced_from_parts:
-            path = qin.replaced_from_parts[k]
-            units.append(_Unit([k], source.nbytes(k), lambda k=k, p=path: {k: _read_one(p, k)}))
         else:
-            units.append(_Unit([k], source.nbytes(k), lambda k=k: {k: source.get(k)}))
+            if k in replaced:
+                load, src_dtype = (lambda k=k: {k: replaced[k]}), replaced[k].dtype
+            elif k in qin.replaced_from_parts:
+                load, src_dtype = (lambda k=k, p=qin.replaced_from_parts[k]: {k: _read_one(p, k)}), source.dtype(k)
+            else:
+                load, src_dtype = (lambda k=k: {k: source.get(k)}), source.dtype(k)
+            out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
+            units.append(_Unit([k], _nbytes(source.shape(k), out_dtype), _cast(load, dtype)))
     return units
+
+
+def _set_config_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:
+    """Point config.json's dtype fields (top level and sub-configs) at the stored dtype."""
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    for v in config.values():
+        if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v):
+            for key in ("dtype", "torch_dtype"):
+                if key in v:
+                    v[key] = name
 
 
 def _read_one(path: Path, name: str) -> torch.Tensor:
@@ -296,6 +317,7 @@ def write_checkpoint(
     ignore: Iterable[str] | None = None,
     *,
     act_bits: int | None = None,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: Mapping[str, bytes | os.PathLike] | None = None,
     stage_hook: Callable[[Path], None] | None = None,
@@ -307,6 +329,8 @@ def write_checkpoint(
     ``replaced``: full parameter name -> fp tensor substituted for the source's.
     ``ignore``: unquantized Linears; None computes every Linear not quantized (meta model).
     ``act_bits=8``: W4A8, dynamic per-token int8 input activations in the config.
+    ``dtype``: cast every unquantized floating tensor to it and say so in config.json
+    (None: copy tensors bit for bit). Scales keep the QuantizedWeight's dtype.
     ``extra_files`` (relative path -> bytes or file) and ``stage_hook(staging_dir)`` add files
     (e.g. ``validation/reference.safetensors``) before the manifest, so they are hashed too.
     """
@@ -328,7 +352,9 @@ def write_checkpoint(
     both = [n for n in ignore if n in qin.schemes]
     if both:
         raise VlmqError(f"modules both ignored and quantized: {both[:5]}", "fix the ignore list")
-    units = _plan_units(source, qin, replaced)
+    units = _plan_units(source, qin, replaced, dtype)
+    if dtype is not None:
+        _set_config_dtype(config, dtype)
     config["quantization_config"] = quantization_config(qin.schemes, ignore, act_bits)
 
     out.parent.mkdir(parents=True, exist_ok=True)

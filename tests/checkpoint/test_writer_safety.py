@@ -133,3 +133,26 @@ def test_extra_files_are_written_and_hashed(tmp_path, source, quantized):
     for bad in ("../escape.txt", "/abs.txt", "config.json"):
         with pytest.raises(VlmqError):
             write_checkpoint(tmp_path / "ckpt2", source, quantized["w4g32sym"], extra_files={bad: b"x"})
+
+
+def test_dtype_casts_unquantized_tensors_only(tmp_path, source, quantized):
+    import json
+
+    from safetensors.torch import load_file
+
+    qws = quantized["w4g32sym"]
+    out = write_checkpoint(tmp_path / "bf16", source, qws, dtype=torch.bfloat16)
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    for k, t in tensors.items():
+        if k.endswith(("weight_packed", "weight_shape")):
+            continue
+        if k.endswith("weight_scale"):
+            assert t.dtype == torch.float16  # the QuantizedWeight's own scale dtype
+        elif t.is_floating_point():
+            assert t.dtype == torch.bfloat16 and torch.equal(t, source.get(k).to(torch.bfloat16)), k
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert validate_checkpoint(out).check("layout").status == "pass"
