@@ -154,8 +154,8 @@ def test_awq_beats_rtn_and_clip_lowers_it_further():
 def test_multi_layer_block_uses_fp_inputs_of_each_layer():
     l0, cfg = decoder_layer("llama", seed=11, outliers=2)
     l1, _ = decoder_layer("llama", seed=12, outliers=2)
-    smps = samples(cfg, n=2, tokens=32, seed=int(torch.randint(0, 1000, ())))
-    st = settings(bits=3, group=32, clip=False, grid=5)
+    smps = samples(cfg, n=2, tokens=24, seed=int(torch.randint(0, 1000, ())))
+    st = settings(bits=3, group=32, clip=False, grid=3)
     both = search_awq([l0, l1], [3, 4], BlockCalib(smps), st)
     with torch.no_grad():
         shifted = [type(s)(layer_forward(l0, s.hidden, s.layer_kwargs), s.layer_kwargs, s.vision_mask, s.answer_mask)
