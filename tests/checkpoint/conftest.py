@@ -35,9 +35,7 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA saved with save_pretrained (legacy on-disk keys) plus processor files."""
-    d = save_tiny("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=1)
-    (d / "chat_template.jinja").exists() or (d / "chat_template.jinja").write_text("{{ messages }}")
-    return d
+    return save_tiny("llava", tmp_path_factory.mktemp("tiny") / "llava", seed=1)
 
 
 @pytest.fixture(scope="session")
