@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FAMILIES, adapter
+from model_fixtures import FAMILIES, adapter, tiny, no_grad_one_thread  # noqa: F401 (fixtures)
 from safetensors import safe_open
 
 from pipeline.errors import VlmqError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, adapter, chat_inputs
+from model_fixtures import FAMILIES, adapter, chat_inputs, tiny, no_grad_one_thread  # noqa: F401 (fixtures)
 
 from pipeline.models import clean_layer_kwargs
 from pipeline.models.layer_io import capture_layer_io

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, adapter, chat_inputs
+from model_fixtures import FAMILIES, adapter, chat_inputs, tiny, no_grad_one_thread  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import VlmqError

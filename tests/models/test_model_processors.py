@@ -9,7 +9,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers.utils.chat_template_utils import render_jinja_template
-from conftest import FAMILIES, adapter, chat_inputs
+from model_fixtures import FAMILIES, adapter, chat_inputs, tiny, no_grad_one_thread  # noqa: F401 (fixtures)
 
 from pipeline.models.processors import load_processor, torchvision_available
 from pipeline.models.tiny import build_processor, build_tiny_tokenizer, shapes_corpus, tiny_image

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from conftest import adapter, chat_inputs
+from model_fixtures import adapter, chat_inputs, tiny, no_grad_one_thread  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import VlmqError

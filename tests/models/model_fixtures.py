@@ -1,4 +1,8 @@
-"""Fixtures for the model tests: tiny models of every family, built and saved once per session."""
+"""Fixtures for the model tests: tiny models of every family, built and saved once per process.
+
+Not a conftest.py on purpose: several test folders do ``from conftest import ...``, which resolves
+to whichever conftest was imported last; test modules here import these names explicitly.
+"""
 
 from __future__ import annotations
 
@@ -34,9 +38,15 @@ class Tiny:
         return self._dirs[family]
 
 
+_TINY: list[Tiny] = []
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
-    return Tiny(tmp_path_factory.mktemp("tiny-models"))
+    # one instance for the process, although each module imports this fixture
+    if not _TINY:
+        _TINY.append(Tiny(tmp_path_factory.mktemp("tiny-models")))
+    return _TINY[0]
 
 
 def chat_inputs(processor, seeds=(0,), sizes=((40, 52),), question: str = "What colour is the circle?"):
@@ -52,7 +62,7 @@ def adapter(family: str):
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_one_thread():
+def no_grad_one_thread():
     """Tiny models run 10-100x faster on one thread when the 2 cores are shared (OpenMP workers
     spin against other processes); restore the setting for the rest of the session."""
     prev = torch.get_num_threads()
