@@ -72,14 +72,12 @@ def check_job(spec: JobSpec) -> Prepared:
     from ..models.loading import check_group_size
     from .models import open_model_source, resolve_model
 
-    out = Path(spec.out)
-    if out.exists() and not out.is_dir():
-        raise VlmqError(f"output path {out} exists and is a file", "choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (spec.overwrite or spec.resume):
-        raise VlmqError(f"output directory {out} is not empty",
-                        "pass --overwrite to replace it, --resume to continue a job there, or choose another --out")
+    from ..checkpoint.writer import check_output_dir
+
     check_calib_source(spec.calib)
     model_ref = resolve_model(spec.model, spec.work_path)
+    check_output_dir(spec.out, spec.overwrite or spec.resume,
+                     protect=[model_ref] if not model_ref.startswith("synthetic:") else [])
     source = open_model_source(model_ref, spec.allow_pickle)  # validates every safetensors header
     config = source.config_dict
     adapter = detect_adapter(config)

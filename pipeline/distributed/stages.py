@@ -132,7 +132,8 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
 
     def stage_hook(staging: Path) -> None:
         if ref["inputs"]:  # --holdout 0: nothing to check outputs against
-            write_reference(staging, ref["inputs"], ref["ref_logits"])
+            write_reference(staging, ref["inputs"], ref["ref_logits"], fp_logits=ref["ref_fp_logits"],
+                            model_dtype=ctx.torch_compute_dtype)
         report["sizes"] = {
             "before": sum(source.nbytes(k) for k in source.keys()),
             "after": checkpoint_bytes(staging),

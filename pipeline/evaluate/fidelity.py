@@ -71,17 +71,19 @@ def reference_outputs(model: torch.nn.Module, table, load_results, n_reference: 
     quantized, replaced = load_results()
     apply_fake_quant(model, quantized, replaced, act_bits=act_bits)
     per_mask: dict[str, list] = {"answer": [], "text": []}
-    ref_logits = []
+    ref_logits, ref_fp = [], []
     for i, (inp, m, fp) in enumerate(zip(inputs, masks, fp_logits)):
         q = _logits(model, inp, device, dtype)
         for k in per_mask:
             per_mask[k].append(logit_fidelity(fp, q, m[k]))
         if i < n_reference:
             ref_logits.append(q.unsqueeze(0))
+            ref_fp.append(fp.unsqueeze(0))
     return {
         "fidelity": {k: merge_fidelity(v) for k, v in per_mask.items()},
         "inputs": inputs[:n_reference],
         "ref_logits": ref_logits,
+        "ref_fp_logits": ref_fp,
     }
 
 
