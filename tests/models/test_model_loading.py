@@ -194,3 +194,52 @@ def test_estimate_memory_by_hand(tiny, family):
     assert est.other_bytes["projector"] == 2 * proj > 0
     assert est.total_bytes == 2 * sum(p.numel() for p in model.parameters())
     assert estimate_memory(cfg, a, torch.float32).total_bytes == 2 * est.total_bytes
+
+
+# config.json of real Hub checkpoints (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct), verbatim
+# except unrelated keys, with their published parameter counts: the meta model must give these.
+LLAVA_15_7B = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+QWEN2_VL_7B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "qwen2_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
+}
+
+
+@pytest.mark.parametrize("cfg,family,params,layers", [
+    (LLAVA_15_7B, "llava", 7_063_427_072, 32),
+    (QWEN2_VL_7B, "qwen2_vl", 8_291_375_616, 28),
+])
+def test_real_configs_on_the_meta_device(cfg, family, params, layers):
+    from pipeline.models import detect_adapter
+
+    a = detect_adapter(cfg)
+    assert a.family == family
+    est = estimate_memory(cfg, a, torch.bfloat16)
+    assert est.total_bytes == 2 * params and len(est.layer_bytes) == layers
+    h, inter = (4096, 11008) if family == "llava" else (3584, 18944)
+    kv = h if family == "llava" else 512  # Qwen2-VL-7B: 4 KV heads of 128
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h + (0 if family == "llava" else h + 2 * kv)
+    assert est.layer_bytes == [2 * per_layer] * layers
+    check_group_size(cfg, a, 128)
+    with pytest.raises(VlmqError, match=r"in_features=\d+ of model\.language_model\.layers\.0\.self_attn\.q_proj"):
+        check_group_size(cfg, a, 96)
