@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,13 +59,26 @@ def config_from_dict(config_dict: dict[str, Any]) -> transformers.PretrainedConf
     return CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(config_dict))
 
 
+def _meta(config_dict: dict[str, Any], model_class: str) -> nn.Module:
+    config = config_from_dict(config_dict)
+    with params_on_meta():
+        model = getattr(transformers, model_class)._from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+    return model.eval()
+
+
 def build_meta_model(config_dict: dict[str, Any], adapter: VLMAdapter) -> nn.Module:
     """The whole model with every parameter on the meta device (shapes and names, no weights)."""
-    config = config_from_dict(config_dict)
-    model_cls = getattr(transformers, adapter.model_class)
-    with params_on_meta():
-        model = model_cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
-    return model.eval()
+    return _meta(config_dict, adapter.model_class)
+
+
+@functools.lru_cache(maxsize=4)
+def _inspection_model(config_json: str, model_class: str) -> nn.Module:
+    """A shared meta model for read-only questions (shapes, names); never loaded into."""
+    return _meta(json.loads(config_json), model_class)
+
+
+def _inspect(config_dict: dict[str, Any], adapter: VLMAdapter) -> nn.Module:
+    return _inspection_model(json.dumps(config_dict, sort_keys=True, default=str), adapter.model_class)
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -193,7 +208,7 @@ def check_group_size(config_dict: dict[str, Any], adapter: VLMAdapter, group_siz
     not divide (from the meta model: no weights read). ``group_size`` <= 0 means per-channel."""
     if group_size is None or group_size <= 0:
         return
-    meta = build_meta_model(config_dict, adapter)
+    meta = _inspect(config_dict, adapter)
     layers = meta.get_submodule(adapter.layers_path)
     names = layer_linear_names(adapter, config_dict)
     for i, layer in enumerate(layers):
@@ -234,7 +249,7 @@ def estimate_memory(config_dict: dict[str, Any], adapter: VLMAdapter, dtype: tor
     Parameters only, floating ones at ``dtype`` (buffers such as rotary tables are a few KB and
     are rebuilt, not loaded). Tied parameters count once: ``lm_head`` is 0 when tied.
     """
-    meta = build_meta_model(config_dict, adapter)
+    meta = _inspect(config_dict, adapter)
     fsize = torch.empty((), dtype=dtype).element_size()
     n_layers = len(meta.get_submodule(adapter.layers_path))
     layers = [0] * n_layers
