@@ -12,10 +12,13 @@ TINY_FALLBACK_FAMILY = "llava"
 
 def resolve_model(model: str, work_dir: Path) -> str:
     """``builtin`` -> the shipped trained model (or, until it exists, a tiny random LLaVA
-    generated deterministically into ``work_dir``); paths are made absolute; ``synthetic:NAME``
-    passes through."""
+    generated deterministically into ``work_dir``); ``synthetic:NAME`` -> a weightless model
+    folder in ``work_dir``; paths are made absolute."""
     if model.startswith("synthetic:"):
-        return model
+        from ..models.synthetic import materialize_synthetic
+
+        name = model.split(":", 1)[1]
+        return str(materialize_synthetic(name, Path(work_dir) / f"synthetic-{name}").resolve())
     if model == "builtin":
         from ..models.builtin import BUILTIN_DIR, builtin_available
 
@@ -38,11 +41,15 @@ def tiny_builtin(work_dir: Path) -> Path:
     return out
 
 
-def open_model_source(ref: str, allow_pickle: bool = False) -> WeightSource:
-    if ref.startswith("synthetic:"):
-        from ..models.synthetic import open_synthetic  # scale-out issue
+def open_model_source(ref: str, allow_pickle: bool = False, device: str | None = None) -> WeightSource:
+    """Open a resolved model reference. Synthetic models generate tensors on ``device``
+    (default: this worker's GPU, else CPU) — identical values on any device."""
+    from ..models.synthetic import SyntheticWeightSource, is_synthetic_dir
 
-        return open_synthetic(ref.split(":", 1)[1])
+    if is_synthetic_dir(ref):
+        from .context import worker_device
+
+        return SyntheticWeightSource(ref, device=device or worker_device())
     from ..models.weights import open_source
 
     return open_source(ref, allow_pickle=allow_pickle)
