@@ -151,11 +151,17 @@ class SafetensorsSource(WeightSource):
 
             adapter = detect_adapter(self._config)
         self.adapter = adapter
-        files = _safetensors_files(d)
+        files, weight_map = _safetensors_files(d)
         self._disk: dict[str, tuple[Path, str]] = {}  # module name -> (file, on-disk key)
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for f in files:
-            for key, (dt, shape, _) in read_safetensors_header(f).items():
+            header = read_safetensors_header(f)
+            listed = [k for k, v in weight_map.items() if v == f.name and k not in header]
+            if listed:
+                raise VlmqError(f"{d / 'model.safetensors.index.json'} places {listed[0]!r} in {f.name}, "
+                                f"which does not hold it ({len(listed)} such keys)",
+                                "the index and the shards come from different checkpoints; re-copy both")
+            for key, (dt, shape, _) in header.items():
                 name = adapter.module_key(key)
                 if name in self._disk:
                     other = self._disk[name][1]
@@ -199,8 +205,9 @@ class SafetensorsSource(WeightSource):
         return h.get_tensor(key)
 
 
-def _safetensors_files(d: Path) -> list[Path]:
-    """The weight files of a folder: those the index names, else every *.safetensors."""
+def _safetensors_files(d: Path) -> tuple[list[Path], dict[str, str]]:
+    """The weight files of a folder (those the index names, else every *.safetensors) and the
+    index's weight_map ({} without an index)."""
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -218,7 +225,7 @@ def _safetensors_files(d: Path) -> list[Path]:
         if extra:
             raise VlmqError(f"{d} holds safetensors files the index does not name: {', '.join(extra[:5])}",
                             "remove stray shards (or restore the index that names them)")
-        return files
+        return files, dict(weight_map)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in d.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -229,7 +236,7 @@ def _safetensors_files(d: Path) -> list[Path]:
                 "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its source",
             )
         raise VlmqError(f"no *.safetensors weights in {d}", "pass the folder of a safetensors checkpoint")
-    return files
+    return files, {}
 
 
 class PickleSource(WeightSource):

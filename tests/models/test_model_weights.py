@@ -133,6 +133,20 @@ def test_index_naming_a_missing_shard(tiny, tmp_path):
         open_source(d)
 
 
+def test_index_disagreeing_with_shards(tiny, tmp_path):
+    model, _ = tiny.model("llava")
+    d = _copy_non_weights(tiny.saved("llava"), tmp_path / "m")
+    model.save_pretrained(d, max_shard_size="300KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, v in index["weight_map"].items() if v == files[0])
+    index["weight_map"][key] = files[-1]  # claims the tensor lives in another shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(VlmqError, match=files[-1]) as e:
+        open_source(d)
+    assert key in str(e.value)
+
+
 def test_pickles_refused_unless_allowed(tiny, tmp_path):
     model, processor = tiny.model("llava")
     d = _copy_non_weights(tiny.saved("llava"), tmp_path / "pickled")
