@@ -68,19 +68,20 @@ def gemv_kernel(
     xp = x_ptr + m3 * stride_xm + row0 * V + kk0
     xmask = (m3 < M) & (row0 * V + kk0 < K)
     if PER_CHANNEL:
-        acc = tl.zeros([BM, R, BN, V], dtype=tl.float32)
-        xs = tl.zeros([BM, R, 1, V], dtype=tl.float32)
+        # no group boundary to wait for: reduce each chunk at once (a [BM, R, BN, V] accumulator
+        # would cost V times the registers, which spills for b = 3)
+        y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
+        xs = tl.zeros([BM, R, 1], dtype=tl.float32)
         for it in range(it0, it1):
             u, x4 = _chunk(wp, xp, xmask, magic, BITS, OFFSET, T, EVICT, EVEN, j4)
-            acc += x4 * u
+            y3 += tl.sum(x4 * u, axis=3)
             if not SYM:
-                xs += x4
+                xs += tl.sum(x4, axis=3)
             wp += R * WPR * T
             xp += R * V
             xmask = (m3 < M) & ((row0 + (it + 1 - it0) * R) * V + kk0 < K)
-        y3 = tl.sum(acc, axis=3)
         if not SYM:
-            y3 -= tl.sum(xs, axis=3) * tl.load(zero_ptr + sz_col).to(tl.float32)[None, None, :]
+            y3 -= xs * tl.load(zero_ptr + sz_col).to(tl.float32)[None, None, :]
         y = tl.sum(y3, axis=1) * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
     else:
         y3 = tl.zeros([BM, R, BN], dtype=tl.float32)

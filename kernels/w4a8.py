@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .decode import load_rows, splitk_epilogue
 
-_RNE = 12582912.0  # 1.5 * 2^23: (v + c) - c rounds |v| < 2^22 to nearest even
+_RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + c) - c rounds |v| < 2^22 to nearest even
 
 
 @triton.jit

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, config sweep, the kernel table, the decode bench.
+# Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
+# stages: info tests sweep bench decode ncu   (default: all but ncu)
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=${*:-info tests sweep bench decode}
+T0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+for s in $STAGES; do
+  case $s in
+    info)
+      stamp info
+      nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
+    tests)
+      stamp tests
+      timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
+    sweep)
+      stamp sweep
+      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
+        --m 1 16 2048 --bits 4 3 --reps 15 --out "$OUT/sweep" 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -60 ;;
+    sweepsym)
+      stamp sweepsym
+      timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
+        --m 1 --bits 4 --sym --reps 15 --out "$OUT/sweepsym" 2>&1 | grep -v Warning | tee "$OUT/sweepsym.log" | tail -20 ;;
+    bench)
+      stamp bench
+      timeout 400 python3 -m pipeline.evaluate.bench_kernels --w4a8 --reps 15 --out "$OUT/bench" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench.log" | tail -5 ;;
+    decode)
+      stamp decode
+      timeout 300 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
+    ncu)
+      stamp ncu
+      timeout 200 ncu --clock-control none -k regex:gemv_kernel -c 1 --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section MemoryWorkloadAnalysis python3 -m pipeline.evaluate.bench_kernels \
+        --no-baselines --shapes 8192x28672 --m 1 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu 2>&1 \
+        | grep -v Warning | tail -60 | tee "$OUT/ncu.log" ;;
+  esac
+done
+stamp done
+for f in "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done

@@ -1,0 +1,310 @@
+"""``vlmq bench decode``: decode tokens/s and peak memory of a 7B-shape language model, fp16 vs W4 vs W3.
+
+The model is ``transformers.Qwen2ForCausalLM`` built from a ``Qwen2Config`` (Qwen2-7B dimensions by
+default) on the meta device, so no 15 GB of weights are ever initialized on the host; its
+decoder Linears become our ``QuantLinear`` (q/k/v and gate/up fused, as inference engines do) or,
+for the baseline, fp16 ``nn.Linear`` (cuBLAS), all filled with random values. Embeddings, norms
+and ``lm_head`` stay fp16 in every variant. One decode step (embedding, 28 layers, final norm,
+lm_head, greedy argmax, position + 1) is captured in one CUDA graph over a static KV cache and
+replayed step after step, so kernels, not Python, are what is timed.
+
+    python -m pipeline.evaluate.bench_decode --out bench-out            # batch 1 and 8, fp16/W4/W3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                tie_word_embeddings=False)
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000, rms_norm_eps=1e-6, max_position_embeddings=2048,
+            tie_word_embeddings=False)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("decode", help="decode tokens/s and peak memory, fp16 vs W4 vs W3 (GPU)")
+    add_args(p)
+    p.set_defaults(func=run)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench-decode", help="folder for decode.json and decode.md")
+    p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3"], help="fp16, w4, w3, w2, w8, w4a8")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--context", type=int, default=128, help="tokens already in the cache when timing starts")
+    p.add_argument("--steps", type=int, default=128, help="decode steps timed")
+    p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the config's)")
+    p.add_argument("--tiny", action="store_true", help="a tiny config (checks the script; CPU with the interpreter)")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def config_for(tiny: bool, layers: int = 0):
+    from transformers import Qwen2Config
+
+    kw = dict(TINY if tiny else QWEN2_7B)
+    if layers:
+        kw["num_hidden_layers"] = layers
+    return Qwen2Config(**kw)
+
+
+def _random_qlinear(k: int, n: int, bits: int, group: int | None, sym: bool, act_bits: int, device, gen,
+                    bias=None):
+    import torch
+
+    from kernels import QuantLinear
+    from pipeline.quant.quantizer import QuantScheme, QuantizedWeight
+
+    ng = 1 if group is None else k // group
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if sym else (0, 2**bits)
+    q = torch.randint(lo, hi, (n, k), dtype=torch.int16, device=device, generator=gen)
+    scale = (torch.rand(n, ng, device=device, generator=gen) * 0.004 + 0.001).half()
+    zero = None if sym else torch.randint(0, 2**bits, (n, ng), dtype=torch.int16, device=device, generator=gen)
+    qw = QuantizedWeight(q, scale, zero, QuantScheme(bits, group, sym))
+    return QuantLinear.from_quantized(qw, bias, act_bits=act_bits)
+
+
+class DecodeModel:
+    """The decode step of a Qwen2 decoder over flat per-layer weights. ``linear(name, k, n, bias)``
+    builds each (fused) projection, so the fp16 and packed variants share everything else."""
+
+    def __init__(self, config, variant: str, batch: int, max_len: int, device, group: int | None = 128,
+                 seed: int = 0, hf_model=None):
+        import torch
+        from torch import nn
+
+        self.cfg = config
+        self.device = device
+        self.dtype = torch.float16
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        c = config
+        self.hq, self.hkv = c.num_attention_heads, c.num_key_value_heads
+        self.d = c.hidden_size // c.num_attention_heads
+        h = c.hidden_size
+        self.eps = c.rms_norm_eps
+        theta = getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 1e4)
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.d, 2, device=device, dtype=torch.float32) / self.d))
+
+        def rnd(*shape, std=0.02):
+            return (torch.randn(*shape, device=device, generator=gen) * std).to(self.dtype)
+
+        def weight_of(path):  # copy from a materialized HF model (CPU check), else random
+            if hf_model is None:
+                return None
+            return hf_model.get_parameter(path).detach().to(device=device, dtype=self.dtype)
+
+        def linear(paths: list[str], k: int, n: int, has_bias: bool):
+            ws = [weight_of(p + ".weight") for p in paths]
+            w = torch.cat(ws) if ws[0] is not None else rnd(n, k)
+            b = None
+            if has_bias:
+                bs = [weight_of(p + ".bias") for p in paths]
+                b = torch.cat(bs) if bs[0] is not None else rnd(n)
+            if variant == "fp16":
+                lin = nn.Linear(k, n, bias=has_bias, device=device, dtype=self.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    if has_bias:
+                        lin.bias.copy_(b)
+                return lin
+            bits = int(variant[1])
+            act_bits = 8 if variant.endswith("a8") else 16
+            grp = None if act_bits == 8 else group
+            sym = act_bits == 8
+            if hf_model is None:
+                return _random_qlinear(k, n, bits, grp, sym, act_bits, device, gen, b)
+            from kernels import QuantLinear
+            from pipeline.quant.quantizer import QuantScheme, quantize_weight
+
+            return QuantLinear.from_quantized(quantize_weight(w.float(), QuantScheme(bits, grp, sym), self.dtype),
+                                              b, act_bits=act_bits)
+
+        if hf_model is None:  # the module tree (shapes, biases) of the real model, without weights
+            from transformers import Qwen2ForCausalLM
+
+            with torch.device("meta"):
+                meta = Qwen2ForCausalLM(c)
+        else:
+            meta = hf_model
+
+        def dims(paths: list[str]) -> tuple[int, int, bool]:
+            mods = [meta.get_submodule(p) for p in paths]
+            return mods[0].in_features, sum(m.out_features for m in mods), mods[0].bias is not None
+
+        self.layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.layers.append({
+                "in_norm": weight_of(p + "input_layernorm.weight") if hf_model else 1 + rnd(h, std=0.05),
+                "post_norm": weight_of(p + "post_attention_layernorm.weight") if hf_model else 1 + rnd(h, std=0.05),
+                "qkv": linear(qkv := [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
+                              *dims(qkv)),
+                "o": linear([p + "self_attn.o_proj"], *dims([p + "self_attn.o_proj"])),
+                "gate_up": linear(gu := [p + "mlp.gate_proj", p + "mlp.up_proj"], *dims(gu)),
+                "down": linear([p + "mlp.down_proj"], *dims([p + "mlp.down_proj"])),
+                "k_cache": torch.zeros(batch, self.hkv, max_len, self.d, dtype=self.dtype, device=device),
+                "v_cache": torch.zeros(batch, self.hkv, max_len, self.d, dtype=self.dtype, device=device),
+            })
+        del meta
+        self.embed = weight_of("model.embed_tokens.weight") if hf_model else rnd(c.vocab_size, h)
+        self.norm = weight_of("model.norm.weight") if hf_model else 1 + rnd(h, std=0.05)
+        self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.int32, device=device)
+        self.logits = None
+
+    def fill_cache(self, upto: int, gen) -> None:
+        """Random keys/values in positions [0, upto): a prompt already processed."""
+        import torch
+
+        for lay in self.layers:
+            for name in ("k_cache", "v_cache"):
+                lay[name][:, :, :upto].copy_(torch.randn(lay[name][:, :, :upto].shape, generator=gen,
+                                                         device=self.device).to(self.dtype))
+        self.pos.fill_(upto)
+
+    def step(self) -> None:
+        """One token per sequence: reads ``tokens`` and ``pos``, writes ``logits``, the greedy next
+        ``tokens`` and ``pos + 1``. Only fixed-shape device work: capturable in a CUDA graph."""
+        import torch
+
+        from kernels.decode_ops import add_rmsnorm, decode_attention, rope_kv, silu_mul
+
+        x = torch.nn.functional.embedding(self.tokens, self.embed)
+        res = x.clone()
+        normed = add_rmsnorm(None, res, self.layers[0]["in_norm"], self.eps)
+        for i, lay in enumerate(self.layers):
+            qkv = lay["qkv"](normed)
+            q = rope_kv(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq, self.hkv)
+            attn = decode_attention(q, lay["k_cache"], lay["v_cache"], self.pos)
+            normed = add_rmsnorm(lay["o"](attn), res, lay["post_norm"], self.eps)
+            mlp = lay["down"](silu_mul(lay["gate_up"](normed)))
+            nxt = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
+            normed = add_rmsnorm(mlp, res, nxt, self.eps)
+        self.logits = torch.nn.functional.linear(normed, self.lm_head)
+        self.tokens.copy_(self.logits.argmax(dim=-1))
+        self.pos.add_(1)
+
+    def weight_bytes(self) -> int:
+        n = self.embed.numel() * 2 + self.lm_head.numel() * 2
+        for lay in self.layers:
+            for k in ("qkv", "o", "gate_up", "down"):
+                n += sum(t.numel() * t.element_size() for t in list(lay[k].parameters()) + list(lay[k].buffers()))
+        return n
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench_one(config, variant: str, batch: int, context: int, steps: int, group: int | None) -> dict:
+    import torch
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = DecodeModel(config, variant, batch, context + steps + 8, "cuda", group)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(1)
+    model.fill_cache(context, gen)
+    model.tokens.copy_(torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen))
+    with torch.no_grad():
+        for _ in range(2):  # eager: compiles kernels, sizes the split-K workspace
+            model.step()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.cuda.graph(g):
+            model.step()
+        torch.cuda.current_stream().wait_stream(s)
+        model.pos.fill_(context)
+        for _ in range(3):
+            g.replay()
+        model.pos.fill_(context)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            g.replay()
+        b.record()
+        b.synchronize()
+    ms = a.elapsed_time(b) / steps
+    r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "ms_per_step": ms,
+         "tokens_per_s": batch * 1000.0 / ms, "weights_gb": model.weight_bytes() / 1e9,
+         "peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
+         "finite": bool(torch.isfinite(model.logits).all())}
+    del g, model
+    torch.cuda.empty_cache()
+    return r
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
+             f"{meta['transformers']}; {meta['date']}; model {meta['model']}; context {meta['context']}, "
+             f"{meta['steps']} steps.", "",
+             "| variant | batch | ms / step | tokens/s | x fp16 | weights GB | peak GB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = f"{r['speedup_vs_fp16']:.2f}" if r.get("speedup_vs_fp16") else ""
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:.0f} | {sp} | "
+                     f"{r['weights_gb']:.2f} | {r['peak_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    import torch
+
+    from pipeline.errors import VlmqError
+
+    if not torch.cuda.is_available():
+        raise VlmqError("vlmq bench decode needs a CUDA GPU",
+                        "run it on a GPU machine (tests/kernels/test_decode.py checks the step on CPU)")
+    import transformers
+    import triton
+
+    config = config_for(args.tiny, args.layers)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "model": "tiny" if args.tiny else f"Qwen2-7B shape ({config.num_hidden_layers} layers)",
+            "context": args.context, "steps": args.steps, "cmd": " ".join(sys.argv)}
+    rows, base = [], {}
+    for batch in args.batch:
+        for v in args.variants:
+            try:
+                r = bench_one(config, v, batch, args.context, args.steps, args.group or None)
+            except Exception as e:
+                print(f"FAILED {v} batch {batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            if v == "fp16":
+                base[batch] = r["tokens_per_s"]
+            r["speedup_vs_fp16"] = r["tokens_per_s"] / base[batch] if batch in base else None
+            rows.append(r)
+            print(f"{v:6} batch {batch:2}: {r['ms_per_step']:.3f} ms/step  {r['tokens_per_s']:8.1f} tok/s  "
+                  f"x{(r['speedup_vs_fp16'] or 0):.2f}  weights {r['weights_gb']:.2f} GB  peak {r['peak_gb']:.2f} GB",
+                  flush=True)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+        f.write(to_markdown(rows, meta))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate.bench_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""``vlmq bench kernels``: our packed kernels vs cuBLAS fp16 vs torch's int4 kernel, on one GPU.
+
+Every time is the median over many replays of a CUDA graph holding several calls (launch gaps
+amortized), with weights rotated over enough copies to exceed L2. The byte floor of a row is
+(packed weight + x + y bytes) / copy bandwidth, the copy bandwidth (read + write) measured in
+the same run. Writes ``kernels.json`` and ``kernels.md`` to ``--out``.
+
+    python -m pipeline.evaluate.bench_kernels --out bench-out            # the issue's table
+    python -m pipeline.evaluate.bench_kernels --sweep --shapes 8192x28672 --m 1 16 --out sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+SHAPES = ["8192x28672", "28672x8192", "8192x8192", "3584x18944", "18944x3584", "3584x4608"]  # in x out
+MS = [1, 4, 16, 64, 512, 2048]
+L2_BYTES = 50 << 20
+
+
+@dataclass
+class Case:
+    impl: str  # "ours" | "gemv" | "gemm" | "w4a8" | "cublas" | "int4mm"
+    k: int
+    n: int
+    m: int
+    bits: int = 16
+    group: int | None = 128
+    sym: bool = False
+    cfg: dict = field(default_factory=dict)
+    label: str = ""
+
+    def key(self) -> str:
+        return self.label or self.impl
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("kernels", help="time the packed kernels vs cuBLAS fp16 and torch int4 (GPU)")
+    add_args(p)
+    p.set_defaults(func=run)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench-kernels", help="folder for kernels.json and kernels.md")
+    p.add_argument("--shapes", nargs="+", default=SHAPES, help="IN x OUT, e.g. 8192x28672")
+    p.add_argument("--m", nargs="+", type=int, default=MS, help="rows of x (tokens)")
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="weight bits of our A16 rows")
+    p.add_argument("--group", type=int, default=128, help="group size (0: per-channel)")
+    p.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
+    p.add_argument("--no-baselines", action="store_true", help="skip cuBLAS fp16 and torch int4")
+    p.add_argument("--w4a8", action="store_true", help="add W4A8 rows")
+    p.add_argument("--sweep", action="store_true", help="time launch-config variants instead of the defaults")
+    p.add_argument("--reps", type=int, default=20, help="timed graph replays")
+    p.add_argument("--calls", type=int, default=0, help="calls per graph (0: auto)")
+    p.add_argument("--jobs", type=int, default=0, help="processes that pre-compile the kernels (0: auto)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few reps: checks the script itself")
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _sweep_variants(bits: int, m: int) -> list[tuple[str, dict]]:
+    """Launch configs worth comparing for one M (kept small: each one is a compile)."""
+    out: list[tuple[str, dict]] = []
+    if m <= 4:
+        rs = [1, 2, 4] if bits == 3 else [4, 8, 16]
+        for bn, r, w, waves in [(128, rs[1], 4, 8), (128, rs[2], 4, 8), (256, rs[1], 8, 8), (128, rs[0], 4, 16),
+                                (256, rs[0], 4, 8), (128, rs[1], 4, 4)]:
+            out.append((f"gemv BN{bn} R{r} w{w} x{waves}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": w,
+                                                             "waves": waves}))
+    if m <= 64:
+        bk = 64 if bits == 3 else 128
+        bm = 16 if m <= 16 else 64
+        for bn, bk_, st, waves in [(128, bk, 3, 4), (64, bk, 3, 4), (128, 64, 4, 4), (128, bk, 2, 8), (128, bk, 3, 2)]:
+            out.append((f"tc-trans BM{bm} BN{bn} BK{bk_} s{st} x{waves}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk_, "num_warps": 4, "num_stages": st,
+                         "trans": True, "evict": True, "waves": waves}))
+    if m >= 64:
+        for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                                  (64, 256, 64, 4, 3), (128, 256, 32, 8, 4), (256, 128, 64, 8, 3)]:
+            if bits == 3 and bk < 32:
+                continue
+            out.append((f"gemm BM{bm} BN{bn} BK{bk} w{w} s{st}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st}))
+    return out
+
+
+def build_cases(a) -> list[Case]:
+    cases: list[Case] = []
+    group = a.group or None
+    for shape in a.shapes:
+        k, n = (int(v) for v in shape.lower().split("x"))
+        for m in a.m:
+            if not a.no_baselines:
+                cases.append(Case("cublas", k, n, m, label="cuBLAS fp16"))
+                if k % 128 == 0:
+                    cases.append(Case("int4mm", k, n, m, bits=4, group=128, label="torch int4 g128 (bf16)"))
+            for bits in a.bits:
+                tag = f"W{bits} g{group or 'ch'}{' sym' if a.sym else ''}"
+                if a.sweep:
+                    for name, cfg in _sweep_variants(bits, m):
+                        cases.append(Case(cfg["impl"], k, n, m, bits, group, a.sym, cfg, f"{tag} {name}"))
+                else:
+                    cases.append(Case("ours", k, n, m, bits, group, a.sym, {}, f"ours {tag}"))
+            if a.w4a8:
+                cases.append(Case("w4a8", k, n, m, 4, None, True, {}, "ours W4A8 (int8 TC)"))
+    return cases
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _packed(bits: int, group: int | None, sym: bool, k: int, n: int, device, gen):
+    """A PackedWeight of the right shapes filled with random codes/scales (no quantization needed)."""
+    import torch
+
+    from kernels.layout import DEFAULT_TILE, K_ALIGN, PackedWeight, field_plan
+
+    p = field_plan(bits)
+    tile = DEFAULT_TILE
+    k_pad = -(-k // K_ALIGN) * K_ALIGN
+    n_pad = -(-n // tile) * tile
+    rows = k_pad // p.values_per_row * p.words_per_row
+    words = torch.randint(-(2**31), 2**31 - 1, (n_pad // tile, rows, tile), dtype=torch.int32, device=device,
+                          generator=gen)
+    ng = 1 if group is None else k_pad // group
+    scale = (torch.rand(n_pad // tile, ng, tile, device=device, generator=gen) * 0.02 + 0.001).half()
+    zero = None if sym else torch.randint(0, 2**bits, (n_pad // tile, ng, tile), dtype=torch.uint8, device=device,
+                                          generator=gen)
+    return PackedWeight(words, scale, zero, bits, group, sym, k, n, tile)
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(16, -(-3 * L2_BYTES // max(nbytes, 1))))
+
+
+def make_fn(c: Case, device, seed: int = 0):
+    """(callable(i) running call i, bytes moved per call)."""
+    import torch
+
+    from kernels import dispatch
+    from kernels.tuning import GemmConfig, GemvConfig
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    dt = torch.bfloat16 if c.impl == "int4mm" else torch.float16
+    x = torch.randn(c.m, c.k, device=device, generator=gen).to(dt)
+    out_b = c.m * c.n * 2
+    x_b = c.m * c.k * 2
+    if c.impl == "cublas":
+        w0 = (torch.randn(c.n, c.k, device=device, generator=gen) * 0.02).half()
+        ws = [w0] + [w0.clone() for _ in range(_copies(w0.numel() * 2) - 1)]
+        return (lambda i: torch.nn.functional.linear(x, ws[i % len(ws)])), w0.numel() * 2 + x_b + out_b
+    if c.impl == "int4mm":
+        wq = torch.randint(0, 256, (c.n, c.k // 2), dtype=torch.uint8, device=device, generator=gen)
+        packed = torch.ops.aten._convert_weight_to_int4pack(wq, 8)
+        sz = (torch.rand(c.k // 128, c.n, 2, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+        nb = wq.numel() + sz.numel() * 2
+        ws = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(_copies(nb) - 1)]
+        return (lambda i: torch.ops.aten._weight_int4pack_mm(x, ws[i % len(ws)][0], 128, ws[i % len(ws)][1])), \
+            nb + x_b + out_b
+    pw0 = _packed(c.bits, c.group, c.sym, c.k, c.n, device, gen)
+    pws = [pw0] + [_packed(c.bits, c.group, c.sym, c.k, c.n, device, gen) for _ in range(_copies(pw0.nbytes()) - 1)]
+    nb = pw0.nbytes() + x_b + out_b
+    cfg = {k: v for k, v in c.cfg.items() if k != "impl"}
+    if c.impl == "ours":
+        return (lambda i: dispatch.matmul(x, pws[i % len(pws)])), nb
+    if c.impl == "w4a8":
+        return (lambda i: dispatch.w4a8(x, pws[i % len(pws)])), nb
+    if c.impl == "gemv":
+        g = GemvConfig(**cfg)
+        return (lambda i: dispatch.gemv(x, pws[i % len(pws)], cfg=g)), nb
+    if c.impl == "gemm":
+        g = GemmConfig(**cfg)
+        return (lambda i: dispatch.gemm(x, pws[i % len(pws)], cfg=g)), nb
+    raise ValueError(c.impl)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_graph(fn, calls: int, reps: int) -> float:
+    """Median microseconds per call: ``calls`` calls captured in one CUDA graph, ``reps`` replays.
+    Without CUDA (the script's own CPU check under TRITON_INTERPRET=1): wall clock, no graph."""
+    import torch
+
+    if not torch.cuda.is_available():
+        fn(0)
+        t = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        return (time.perf_counter() - t) * 1e6 / calls
+
+    for i in range(2):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / calls)
+    del g
+    return statistics.median(ts)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1e10
+
+    n = 1 << 29  # 512 MiB each way
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    us = time_graph(lambda i: b.copy_(a), calls=4, reps=10)
+    return 2 * n / (us * 1e-6)
+
+
+def _precompile(cases: list[Case], jobs: int) -> list[str]:
+    """Compile every Triton kernel the cases need in parallel worker processes (fills the cache)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    ours = [asdict(c) for c in cases if c.impl not in ("cublas", "int4mm")]
+    if not ours or jobs <= 1:
+        return []
+    chunks = [ours[i::jobs] for i in range(jobs)]
+    errs: list[str] = []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        for r in ex.map(_compile_worker, chunks):
+            errs.extend(r)
+    return errs
+
+
+def _compile_worker(chunk: list[dict]) -> list[str]:
+    import torch
+
+    errs = []
+    for d in chunk:
+        c = Case(**d)
+        try:
+            fn, _ = make_fn(c, "cuda")
+            fn(0)
+            torch.cuda.synchronize()
+        except Exception as e:  # reported, and the timing pass skips the case
+            errs.append(f"{c.key()} k={c.k} n={c.n} m={c.m}: {type(e).__name__}: {str(e)[:300]}")
+        finally:
+            torch.cuda.empty_cache()
+    return errs
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}; "
+        f"copy bandwidth {meta['copy_tbps']:.2f} TB/s (read + write).",
+        "",
+        "| in -> out | M | kernel | µs | GB/s | % of byte floor | x cuBLAS fp16 |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sp = f"{r['speedup_vs_cublas']:.2f}" if r.get("speedup_vs_cublas") else ""
+        lines.append(f"| {r['k']} -> {r['n']} | {r['m']} | {r['label']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+                     f"{r['pct_floor']:.0f} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    import torch
+
+    from pipeline.errors import VlmqError
+
+    if args.quick:
+        args.shapes, args.m, args.reps = ["1024x1536", "512x640"], [1, 16, 128], 5
+    cpu = not torch.cuda.is_available()
+    if cpu and not (args.quick and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise VlmqError("vlmq bench kernels needs a CUDA GPU",
+                        "run it on a GPU machine (on CPU only `--quick` under TRITON_INTERPRET=1, to check the script)")
+    if cpu:
+        args.shapes, args.m, args.reps, args.calls = ["256x96"], [1, 3, 20], 1, 1
+    device = "cpu" if cpu else "cuda"
+    import triton
+
+    os.makedirs(args.out, exist_ok=True)
+    cases = build_cases(args)
+    jobs = 1 if cpu else (args.jobs or min(12, os.cpu_count() or 1))
+    t0 = time.time()
+    errs = _precompile(cases, jobs)
+    bad = {e.split(" k=")[0] for e in errs}
+    print(f"compiled in {time.time() - t0:.0f}s with {jobs} processes; {len(errs)} failures", flush=True)
+    for e in errs:
+        print("  COMPILE/RUN FAILED:", e, flush=True)
+    bw = copy_bandwidth()
+    meta = {"device": "cpu (interpreter)" if cpu else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "copy_tbps": bw / 1e12, "cmd": " ".join(sys.argv)}
+    rows: list[dict] = []
+    cublas: dict[tuple, float] = {}
+    for c in cases:
+        if c.key() in bad or (cpu and c.impl == "int4mm"):
+            continue
+        try:
+            fn, nbytes = make_fn(c, device)
+            calls = args.calls or (20 if c.m <= 64 else 5)
+            us = time_graph(fn, calls, args.reps)
+        except Exception as e:
+            print(f"  FAILED {c.key()} k={c.k} n={c.n} m={c.m}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        finally:
+            if not cpu:
+                torch.cuda.empty_cache()
+        if c.impl == "cublas":
+            cublas[(c.k, c.n, c.m)] = us
+        floor = nbytes / bw * 1e6
+        r = {**asdict(c), "label": c.key(), "us": us, "bytes": nbytes, "gbps": nbytes / us / 1e3,
+             "floor_us": floor, "pct_floor": 100 * floor / us}
+        base = cublas.get((c.k, c.n, c.m))
+        r["speedup_vs_cublas"] = base / us if base else None
+        rows.append(r)
+        print(f"{c.k:>6} -> {c.n:<6} M={c.m:<5} {c.key():<44} {us:9.1f} us  {r['gbps']:6.0f} GB/s  "
+              f"{r['pct_floor']:5.1f}% floor  x{(r['speedup_vs_cublas'] or 0):.2f}", flush=True)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "errors": errs}, f, indent=1)
+    md = to_markdown(rows, meta)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(md)
+    return 0 if not errs else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate.bench_kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

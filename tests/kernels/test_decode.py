@@ -1,0 +1,96 @@
+"""The decode glue kernels and the decode bench's step, against transformers' own Qwen2 on CPU."""
+
+import pytest
+import torch
+
+from kernels.decode_ops import add_rmsnorm, decode_attention, rope_kv, silu_mul
+
+
+def test_add_rmsnorm_matches_transformers(gen, device):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    norm = Qwen2RMSNorm(300, eps=1e-6)
+    norm.weight.data = (1 + 0.1 * torch.randn(300, generator=gen))
+    norm = norm.half()
+    x = torch.randn(3, 300, generator=gen).half()
+    res = torch.randn(3, 300, generator=gen).half()
+    want_res = res + x
+    want = norm(want_res)
+    r = res.clone().to(device)
+    y = add_rmsnorm(x.to(device), r, norm.weight.data.to(device), 1e-6)
+    assert torch.equal(r.cpu(), want_res)
+    assert torch.allclose(y.cpu().float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_rope_kv_and_attention_match_torch(gen, device):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    b, hq, hkv, d, length, pos = 2, 6, 2, 16, 40, 13
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, generator=gen).half()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    kc = torch.randn(b, hkv, length, d, generator=gen).half()
+    vc = torch.randn(b, hkv, length, d, generator=gen).half()
+    kc_d, vc_d = kc.clone().to(device), vc.clone().to(device)
+    p = torch.tensor([pos], dtype=torch.int32, device=device)
+    q = rope_kv(qkv.to(device), inv_freq.to(device), p, kc_d, vc_d, hq, hkv)
+    # reference: transformers' rotary on float32 copies
+    freqs = pos * inv_freq
+    emb = torch.cat([freqs, freqs])
+    cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+    qh = qkv[:, : hq * d].float().reshape(b, hq, 1, d)
+    kh = qkv[:, hq * d:(hq + hkv) * d].float().reshape(b, hkv, 1, d)
+    qr, kr = apply_rotary_pos_emb(qh, kh, cos, sin)
+    assert torch.allclose(q.cpu().float(), qr[:, :, 0], atol=2e-3, rtol=1e-3)
+    kc[:, :, pos] = kr[:, :, 0].half()
+    vc[:, :, pos] = qkv[:, (hq + hkv) * d:].reshape(b, hkv, d)
+    assert torch.allclose(kc_d.cpu().float(), kc.float(), atol=2e-3)
+    assert torch.equal(vc_d.cpu(), vc)
+    out = decode_attention(q, kc_d, vc_d, p)
+    kk = kc[:, :, : pos + 1].float().repeat_interleave(hq // hkv, dim=1)
+    vv = vc[:, :, : pos + 1].float().repeat_interleave(hq // hkv, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(q.cpu().float()[:, :, None], kk, vv)[:, :, 0]
+    assert torch.allclose(out.cpu().float(), want.reshape(b, hq * d), atol=2e-3, rtol=1e-2)
+
+
+def test_silu_mul(gen, device):
+    gu = torch.randn(2, 2 * 1100, generator=gen).half()
+    want = torch.nn.functional.silu(gu[:, :1100].float()) * gu[:, 1100:].float()
+    assert torch.allclose(silu_mul(gu.to(device)).cpu().float(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("variant", ["fp16", "w4"])
+def test_decode_step_matches_transformers_forward(variant, gen, device):
+    """Our graph-capturable step, fed one token at a time, gives the logits of transformers' own
+    forward over the whole sequence (same weights; W4: the fake-quant weights)."""
+    from transformers import Qwen2ForCausalLM
+
+    from pipeline.evaluate.bench_decode import DecodeModel, config_for
+    from pipeline.quant.quantizer import QuantScheme, fake_quantize
+
+    cfg = config_for(tiny=True, layers=2)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.vocab_size = 128, 256, 4, 300
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.normal_(1.0 if p.shape[0] == 128 else 0.0, 0.05)
+    model = DecodeModel(cfg, variant, 1, 16, device, group=64, hf_model=hf)
+    if variant == "w4":
+        with torch.no_grad():
+            for name, mod in hf.named_modules():
+                if name.endswith(("_proj",)) and ".layers." in name:
+                    mod.weight.copy_(fake_quantize(mod.weight.half().float(), QuantScheme(4, 64, False),
+                                                   torch.float16))
+    hf = hf.half() if device == "cuda" else hf.float()
+    toks = torch.randint(0, 300, (1, 5), generator=gen)
+    with torch.no_grad():
+        want = hf(toks.to(device)).logits[0].float().cpu()
+        got = []
+        for t in range(5):
+            model.tokens.fill_(int(toks[0, t]))
+            model.step()
+            got.append(model.logits[0].float().cpu())
+    got = torch.stack(got)
+    err = (got - want).norm() / want.norm()
+    assert err < 1e-2, float(err)
+    assert int(model.pos) == 5
