@@ -138,11 +138,14 @@ def test_index_disagreeing_with_shards(tiny, tmp_path):
     d = _copy_non_weights(tiny.saved("llava"), tmp_path / "m")
     model.save_pretrained(d, max_shard_size="300KB")
     index = json.loads((d / "model.safetensors.index.json").read_text())
-    files = sorted(set(index["weight_map"].values()))
-    key = next(k for k, v in index["weight_map"].items() if v == files[0])
-    index["weight_map"][key] = files[-1]  # claims the tensor lives in another shard
+    wm = index["weight_map"]
+    files = sorted(set(wm.values()))
+    src = next(f for f in files if list(wm.values()).count(f) > 1)
+    dst = next(f for f in files if f != src)
+    key = next(k for k, v in wm.items() if v == src)
+    wm[key] = dst  # claims the tensor lives in another shard
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(VlmqError, match=files[-1]) as e:
+    with pytest.raises(VlmqError, match=dst) as e:
         open_source(d)
     assert key in str(e.value)
 
