@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .awq import search_awq
 from .mbq import search_mbq
+from .qvlm import search_qvlm, search_qvlm_mbq
 from .rtn import search_rtn
 from .smoothquant import search_smoothquant
 from .types import SearchFn
@@ -14,6 +15,8 @@ SEARCHES: dict[str, SearchFn] = {
     "awq": search_awq,
     "mbq": search_mbq,
     "smoothquant": search_smoothquant,
+    "qvlm": search_qvlm,
+    "qvlm+mbq": search_qvlm_mbq,
 }
 
 
