@@ -1,18 +1,26 @@
 """Train the built-in VLM on the synthetic visual-QA task (GPU, a few minutes), then measure it.
 
     PYTHONPATH=$PWD python3 jobs/train_builtin.py --out OUT [--variants w256l4,w128l6] [--steps 8000]
+    PYTHONPATH=$PWD python3 jobs/train_builtin.py --finalize pipeline/builtin_model --eval teacher --device cpu
 
 Reproducible from ``--seed``: the data (pipeline.data.synthetic), the initialization and the batch
-order all derive from it. The processor (tokenizer, image processor, chat template) is read from
-``pipeline/builtin_model/`` when it is there, so token ids never depend on the machine; otherwise
-it is built and saved beside the weights.
+order all derive from it (GPU kernels are not bit-deterministic, so a re-run matches statistically,
+not bit for bit). ``--budget-s`` caps training time by cutting steps after step 70; the record
+keeps ``steps_done`` so that ``--steps N`` without a budget repeats the schedule. The processor
+(tokenizer, image processor, chat template) is read from ``pipeline/builtin_model/`` when it is
+there, so token ids never depend on the machine; otherwise it is built and saved beside the weights.
 
-For every variant (an architecture size) it trains, rounds the weights to fp16 (what ships), and
-scores the ``builtin-vqa`` test split for fp and RTN W4/W3/W2 g128, plus the function-preserving
-"outlier" variant (``plant_outliers``) over a small grid. With ``--parallel`` the variants train
-at the same time in separate processes (tiny models leave most of an H100 idle). Writes, under
-``--out``: ``<variant>/model/`` (a complete model folder), ``<variant>/results.json``, one
-``<variant>.tar`` of the model folder, and ``results.json`` with every variant side by side.
+For every variant (an architecture size) it trains, rounds the weights to fp16 (what ships), then
+``finalize``: picks the outlier channels of ``B.OUTLIER_RECIPE`` (the function-preserving outlier
+variant), makes the fp16 weights exact under that rescaling, and scores the ``builtin-vqa`` test
+split for fp and RTN W4/W3/W2 g128 on both models. ``--finalize DIR`` does only that, on an
+existing folder. With ``--parallel`` variants train at the same time in separate processes (tiny
+models leave most of an H100 idle). Writes, under ``--out``: ``<variant>/model/`` (a complete model
+folder with builtin_info.json), ``<variant>/results.json``, ``<variant>.tar`` of the model folder,
+and ``results.json`` with every variant side by side.
+
+The shipped model: ``--variants w256l4 --steps 11000 --batch 512 --lr 1.5e-3 --train-samples 400000
+--budget-s 300`` on one H100 (the budget cut it to 8058 steps), then ``--finalize`` on CPU.
 """
 
 from __future__ import annotations
@@ -62,7 +70,6 @@ VARIANTS: dict[str, B.BuiltinSize] = {
     "w256l3": B.BuiltinSize(text_hidden=256, text_intermediate=512, text_layers=3, text_kv_heads=2),
     "w256l4": B.BuiltinSize(text_hidden=256, text_intermediate=512, text_layers=4),
 }
-OUTLIER_GRID = [(4, 4), (4, 8), (5, 4), (5, 6), (5, 8), (5, 12), (6, 6)]  # (log2 k, channels per layer)
 
 
 def log(*a) -> None:
@@ -211,24 +218,23 @@ def fp16_round_(model) -> None:
             p.copy_(p.half().float())
 
 
-def make_outlier_exact_(model, channels, log2_k: int) -> None:
-    """Make the plain fp16 weights exactly invertible under ``plant_outliers`` (values that would
-    underflow fp16 when divided by k are rounded once), so plain and outlier are bit-equivalent."""
-    B.plant_outliers(model, channels, log2_k)
-    fp16_round_(model)
-    B.plant_outliers(model, channels, -log2_k)
-
-
 _TEST: list = []
 
 
 def measure(model, processor, args, device, label: str) -> dict:
+    """fp and RTN W4/W3/W2 g128 accuracy on the test split. ``--eval teacher`` scores by one
+    teacher-forced pass (equal to greedy exact match, 6x cheaper: for CPU runs)."""
+    from pipeline.evaluate.vqa import teacher_forced_accuracy
+
     if not _TEST:
         _TEST.extend(synthetic.generate("test", args.eval_n, 0))
     res = {}
     for bits in (None, 4, 3, 2):
         m = model if bits is None else B.rtn_fake_quant_(copy.deepcopy(model), bits, 128)
-        r = evaluate_builtin_vqa(m, processor, args.eval_n, 0, args.eval_batch, device, samples=_TEST)
+        if args.eval == "teacher":
+            r = teacher_forced_accuracy(m, processor, _TEST, args.eval_batch, device)
+        else:
+            r = evaluate_builtin_vqa(m, processor, args.eval_n, 0, args.eval_batch, device, samples=_TEST)
         key = "fp" if bits is None else f"rtn_w{bits}"
         res[key] = {"accuracy": r["accuracy"], "per_skill": r["per_skill"]}
         log(f"{label} {key}: {r['accuracy']:.4f} " + " ".join(f"{k}={v:.2f}" for k, v in r["per_skill"].items()))
@@ -237,12 +243,56 @@ def measure(model, processor, args, device, label: str) -> dict:
 
 @torch.no_grad()
 def max_logit_diff(a, b, processor, device) -> float:
-    xs = synthetic.generate("test", 16, 1)
     from pipeline.evaluate.vqa import build_prompts
 
+    xs = synthetic.generate("test", 16, 1)
     enc = processor(images=[s.image for s in xs], text=build_prompts(processor, [s.question for s in xs]), padding=True, return_tensors="pt")
     enc = {k: v.to(device) for k, v in enc.items()}
     return float((a(**enc).logits - b(**enc).logits).abs().max())
+
+
+def save_folder(model, folder: Path) -> None:
+    """The model in fp16 plus the shipped processor files, copied verbatim."""
+    import shutil
+
+    model.half().save_pretrained(folder)
+    model.float()
+    src = B.BUILTIN_DIR if (B.BUILTIN_DIR / "tokenizer.json").is_file() else Path(folder).parent / "processor"
+    for f in B._PROCESSOR_FILES:
+        if Path(src / f).resolve() != Path(folder / f).resolve():
+            shutil.copy2(src / f, folder / f)
+
+
+def finalize(folder: Path, processor, args, device, record: dict) -> dict:
+    """After training (or on a shipped folder, with ``--finalize``): choose the outlier channels
+    (``B.OUTLIER_RECIPE``), make the fp16 weights exact under the rescaling, measure the plain and
+    the outlier model, and write the record to ``builtin_info.json``."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    rcp = B.OUTLIER_RECIPE
+    calib = synthetic.generate("calib", rcp["calib_samples"], 0)
+    channels = B.pick_outlier_channels(model, rcp["counts"], importance=B.channel_importance(model, processor, calib))
+    B.make_outlier_exact_(model, channels, rcp["log2_k"])
+    save_folder(model, folder)
+    om = copy.deepcopy(model)
+    B.plant_outliers(om, channels, rcp["log2_k"])
+    diff = max_logit_diff(model, om, processor, device)
+    log(f"outlier variant: max |logit diff| vs plain = {diff}")
+    record = dict(record)
+    record["plain"] = measure(model, processor, args, device, "plain")
+    record["outlier_variant"] = {
+        **{k: rcp[k] for k in ("log2_k", "counts", "calib_samples")},
+        "channels": {str(i): v for i, v in channels.items()},
+        "max_logit_diff_vs_plain": diff,
+        "heavy_channel_ratio": {"plain": B.outlier_ratios(model, processor, calib), "outlier": B.outlier_ratios(om, processor, calib)},
+        "results": measure(om, processor, args, device, "outlier"),
+    }
+    record["eval"] = {"split": "test", "n": args.eval_n, "seed": 0, "scoring": args.eval, "device": str(device)}
+    (folder / "builtin_info.json").write_text(json.dumps(record, indent=1))
+    return record
 
 
 def run_variant(name: str, processor, data, args, device) -> dict:
@@ -250,26 +300,13 @@ def run_variant(name: str, processor, data, args, device) -> dict:
     log(f"== variant {name}: {asdict(size)}")
     model, n_params, train_s, steps = train(size, processor, data, args, device)
     fp16_round_(model)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    base_channels = B.pick_outlier_channels(model, max(n for _, n in OUTLIER_GRID), seed=args.seed)
-    # Make the shipped plain weights exact under every grid point (largest k, most channels).
-    make_outlier_exact_(model, base_channels, max(k for k, _ in OUTLIER_GRID))
-    out = {"variant": name, "size": asdict(size), "params": n_params, "train_seconds": round(train_s, 1), "steps_done": steps}
-    out["plain"] = measure(model, processor, args, device, f"{name}/plain")
-    out["outlier"] = []
-    for log2_k, n_ch in OUTLIER_GRID:
-        ch = {i: c[:n_ch] for i, c in base_channels.items()}
-        om = copy.deepcopy(model)
-        rec = B.plant_outliers(om, ch, log2_k)
-        diff = max_logit_diff(model, om, processor, device)
-        r = measure(om, processor, args, device, f"{name}/outlier k=2^{log2_k} n={n_ch}")
-        out["outlier"].append({"log2_k": log2_k, "channels_per_layer": n_ch, "channels": rec["channels"], "max_logit_diff_vs_plain": diff, **r})
     folder = Path(args.out) / name / "model"
-    model.half().save_pretrained(folder)
-    processor.save_pretrained(folder)
-    out["recipe"] = {k: getattr(args, k) for k in ("seed", "steps", "batch", "lr", "wd", "train_samples", "eval_n", "budget_s")}
-    (folder / "builtin_info.json").write_text(json.dumps(out, indent=1))
+    save_folder(model, folder)
+    record = {
+        "variant": name, "size": asdict(size), "params": n_params, "train_seconds": round(train_s, 1), "steps_done": steps,
+        "recipe": {k: getattr(args, k) for k in ("seed", "steps", "batch", "lr", "wd", "train_samples", "budget_s")},
+    }
+    out = finalize(folder, processor, args, device, record)
     (Path(args.out) / name / "results.json").write_text(json.dumps(out, indent=1))
     with tarfile.open(Path(args.out) / f"{name}.tar", "w") as tf:
         tf.add(folder, arcname=f"{name}")
@@ -277,17 +314,11 @@ def run_variant(name: str, processor, data, args, device) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["variant        params   fp     w4     w3     w2   | outlier (log2k,n): fp/w4/w3/w2"]
+    rows = ["variant        params  model     fp     w4     w3     w2"]
     for r in results:
-        p = r["plain"]
-        line = f"{r['variant']:12s} {r['params'] / 1e6:5.2f}M " + " ".join(
-            f"{p[k]['accuracy']:.3f}" for k in ("fp", "rtn_w4", "rtn_w3", "rtn_w2")
-        )
-        for o in r["outlier"]:
-            line += f" | ({o['log2_k']},{o['channels_per_layer']}) " + "/".join(
-                f"{o[k]['accuracy']:.3f}" for k in ("fp", "rtn_w4", "rtn_w3", "rtn_w2")
-            )
-        rows.append(line)
+        for label, res in (("plain", r["plain"]), ("outlier", r["outlier_variant"]["results"])):
+            rows.append(f"{r.get('variant', '?'):12s} {r.get('params', 0) / 1e6:5.2f}M {label:8s} " + " ".join(
+                f"{res[k]['accuracy']:.3f}" for k in ("fp", "rtn_w4", "rtn_w3", "rtn_w2")))
     return "\n".join(rows)
 
 
@@ -308,6 +339,8 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=500)
     ap.add_argument("--budget-s", type=float, default=0.0, help="cap training time (seconds), fewer steps if needed")
     ap.add_argument("--parallel", action="store_true", help="train the variants in separate processes at once")
+    ap.add_argument("--eval", choices=("greedy", "teacher"), default="greedy", help="greedy decoding, or the equal teacher-forced score")
+    ap.add_argument("--finalize", metavar="DIR", help="skip training: choose outlier channels and measure an existing model folder")
     ap.add_argument("--data", help=argparse.SUPPRESS)  # worker mode: a saved dataset
     args = ap.parse_args()
     out = Path(args.out)
@@ -318,6 +351,15 @@ def main() -> None:
         if n not in VARIANTS:
             sys.exit(f"unknown variant {n!r}; known: {', '.join(VARIANTS)}")
     processor = get_processor(out)
+    if args.finalize:
+        folder = Path(args.finalize)
+        prev = B.builtin_info(folder)
+        keep = {k: prev[k] for k in ("variant", "size", "params", "train_seconds", "steps_done", "recipe") if k in prev}
+        if "plain" in prev:
+            keep["training_run_eval"] = {"plain": prev["plain"], "eval_n": prev.get("recipe", {}).get("eval_n")}
+        rec = finalize(folder, processor, args, device, keep)
+        log("summary\n" + table([rec]))
+        return
     if args.data:  # worker: one variant, data already made
         data = torch.load(args.data)
         run_variant(names[0], processor, data, args, device)

@@ -77,6 +77,40 @@ def score(predictions: Sequence[str], answers: Sequence[str], skills: Sequence[s
     }
 
 
+@torch.no_grad()
+def teacher_forced_accuracy(
+    model: torch.nn.Module,
+    processor,
+    samples: Sequence[synthetic.SceneSample],
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Same score as greedy decoding, from one forward pass per batch: greedy output equals the
+    reference tokens (answer + </s>) exactly when every reference token is the argmax under
+    teacher forcing. About 6x cheaper than ``generate``; used for sweeps (the task itself decodes)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tok = processor.tokenizer
+    preds: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        part = list(samples[start : start + batch_size])
+        ims = [s.image for s in part]
+        prompts = build_prompts(processor, [s.question for s in part])
+        full = [p + " " + s.answer + tok.eos_token for p, s in zip(prompts, part)]
+        p_len = processor(images=ims, text=prompts, padding=True, return_tensors="pt")["attention_mask"].sum(1)
+        enc = processor(images=ims, text=full, padding=True, padding_side="left", return_tensors="pt")
+        f_len = enc["attention_mask"].sum(1)
+        enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
+        logits = model(**enc, use_cache=False).logits
+        ids, T = enc["input_ids"], enc["input_ids"].shape[1]
+        for i, s in enumerate(part):
+            n_ans = int(f_len[i] - p_len[i])
+            target = ids[i, T - n_ans :]
+            ok = bool((logits[i, T - n_ans - 1 : T - 1].argmax(-1) == target).all())
+            preds.append(s.answer if ok else "\x00wrong")
+    return score(preds, [s.answer for s in samples], [s.skill for s in samples])
+
+
 def evaluate_builtin_vqa(
     model: torch.nn.Module,
     processor,

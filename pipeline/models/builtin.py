@@ -27,8 +27,6 @@ from ..data import synthetic
 from ..errors import VlmqError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin_model"
-#: The outlier variant ships beside the plain model when it fits the size budget (see README there).
-BUILTIN_OUTLIER_DIR = BUILTIN_DIR / "outlier"
 IMAGE_TOKEN = "<image>"
 PATCH_SIZE = 8
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's; the image processor uses the same
@@ -220,45 +218,235 @@ def rtn_fake_quant_(model: nn.Module, bits: int, group_size: int | None = 128) -
     return model
 
 
+OUTLIER_SITES = ("norm", "up", "v")
+
+
+def _as_site_channels(channels, n_layers: int) -> dict[int, dict[str, list[int]]]:
+    """Accept ``[c...]`` (norm site, every layer), ``{layer: [c...]}`` or ``{layer: {site: [c...]}}``."""
+    if isinstance(channels, (list, tuple)):
+        return {i: {"norm": list(channels)} for i in range(n_layers)}
+    out = {}
+    for i, v in channels.items():
+        out[int(i)] = {"norm": list(v)} if isinstance(v, (list, tuple)) else {k: list(c) for k, c in v.items()}
+    return out
+
+
+def _o_columns(attn: nn.Module, v_rows: torch.Tensor) -> torch.Tensor:
+    """o_proj input columns fed by the given v_proj output rows (every query head of the kv head)."""
+    cfg = attn.config
+    hd = attn.head_dim
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    kv_head, d = v_rows // hd, v_rows % hd
+    cols = [(kv_head * groups + g) * hd + d for g in range(groups)]
+    return torch.cat(cols)
+
+
 @torch.no_grad()
-def plant_outliers(model: nn.Module, channels: dict[int, list[int]] | list[int], log2_k: int = 5) -> dict[str, Any]:
-    """In place, function-preserving: for each decoder layer, multiply the chosen channels of both
-    RMSNorm weights by ``k = 2**log2_k`` and divide the same input columns of the Linears they feed
-    (q/k/v after ``input_layernorm``, gate/up after ``post_attention_layernorm``) by ``k``.
+def plant_outliers(model: nn.Module, channels, log2_k: int = 5) -> dict[str, Any]:
+    """In place and function-preserving: plant heavy activation channels like real LLMs have.
 
-    A power of two makes both products exact in floating point, so the fp outputs are bit-identical;
-    only the activations entering those Linears get heavy channels (x k) and their weight columns
-    become tiny (/ k), which is what makes real LLMs fragile under RTN and what AWQ/MBQ repair.
-    ``channels`` is one list for every layer or ``{layer index: list}``.
+    Per decoder layer and site, with ``k = 2**log2_k``:
+    - ``norm``: residual channels c: both RMSNorm weights x k, the input columns c of the Linears
+      they feed (q/k/v, gate/up) / k: the inputs of those Linears get outlier channels;
+    - ``up``: intermediate channels j: up_proj rows x k, down_proj columns / k (down's input);
+    - ``v``: v_proj rows x k, the o_proj columns they feed / k (o's input; exact since attention
+      is linear in V).
+    A power of two makes every product exact in floating point (barring fp16 underflow of tiny
+    weights, see ``make_outlier_exact_``), so fp outputs stay bit-identical; RTN then crushes the
+    shrunken columns, which is what AWQ/MBQ's scaling repairs. ``log2_k < 0`` undoes it.
     """
-    k = float(2**log2_k)
+    k = float(2.0**log2_k)
     layers = model.model.language_model.layers
-    record = {}
+    spec = _as_site_channels(channels, len(layers))
+    for i, sites in spec.items():
+        layer = layers[i]
+        dev = layer.input_layernorm.weight.device
+        for site, ch in sites.items():
+            idx = torch.as_tensor(ch, dtype=torch.long, device=dev)
+            if site == "norm":
+                attn, mlp = layer.self_attn, layer.mlp
+                for norm, lins in (
+                    (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                    (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
+                ):
+                    norm.weight.data[idx] *= k
+                    for lin in lins:
+                        lin.weight.data[:, idx] /= k
+            elif site == "up":
+                layer.mlp.up_proj.weight.data[idx, :] *= k
+                layer.mlp.down_proj.weight.data[:, idx] /= k
+            elif site == "v":
+                v = layer.self_attn.v_proj
+                v.weight.data[idx, :] *= k
+                if v.bias is not None:
+                    v.bias.data[idx] *= k
+                layer.self_attn.o_proj.weight.data[:, _o_columns(layer.self_attn, idx)] /= k
+            else:
+                raise ValueError(f"unknown outlier site {site!r}; use one of {OUTLIER_SITES}")
+    return {"log2_k": log2_k, "channels": {str(i): v for i, v in spec.items()}}
+
+
+@torch.no_grad()
+def make_outlier_exact_(model: nn.Module, channels, log2_k: int) -> None:
+    """Round the plain fp16 weights once so that planting (and undoing) is exact in fp16: columns
+    whose division by k would underflow into fp16 subnormals lose those last bits here, once."""
+    plant_outliers(model, channels, log2_k)
+    for p in model.parameters():
+        p.copy_(p.half().to(p.dtype))
+    plant_outliers(model, channels, -log2_k)
+
+
+@torch.no_grad()
+def input_abs_means(model: nn.Module, processor, samples) -> dict[tuple[int, str], torch.Tensor]:
+    """Per decoder layer, ``mean |x_c|`` over real tokens of the inputs of q_proj ("q"), gate_proj
+    ("gate"), down_proj ("down") and o_proj ("o"), on ``samples`` (synthetic scenes)."""
+    from ..evaluate.vqa import build_prompts
+
+    layers = model.model.language_model.layers
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    enc = processor(images=[s.image for s in samples], text=build_prompts(processor, [s.question for s in samples]),
+                    padding=True, return_tensors="pt")
+    mask = enc["attention_mask"].bool()
+
+    def hook(key):
+        def fn(_m, inp):
+            x = inp[0].detach().float().abs() * mask.to(inp[0].device).unsqueeze(-1)
+            sums[key] = x.sum((0, 1)).cpu()
+        return fn
+
+    handles = []
     for i, layer in enumerate(layers):
-        ch = channels[i] if isinstance(channels, dict) else channels
-        idx = torch.as_tensor(ch, dtype=torch.long, device=layer.input_layernorm.weight.device)
-        for norm, lins in (
-            (layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
-            (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj)),
-        ):
-            norm.weight.data[idx] *= k
-            for lin in lins:
-                lin.weight.data[:, idx] /= k
-        record[i] = [int(c) for c in ch]
-    return {"log2_k": log2_k, "channels": record}
+        for name, lin in (("q", layer.self_attn.q_proj), ("gate", layer.mlp.gate_proj),
+                          ("down", layer.mlp.down_proj), ("o", layer.self_attn.o_proj)):
+            handles.append(lin.register_forward_pre_hook(hook((i, name))))
+    device = next(model.parameters()).device
+    try:
+        model(**{k: (v.to(device, next(model.parameters()).dtype) if v.is_floating_point() else v.to(device))
+                 for k, v in enc.items()}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    n = float(mask.sum())
+    return {k: v / n for k, v in sums.items()}
 
 
-def pick_outlier_channels(model: nn.Module, n: int, seed: int = 0) -> dict[int, list[int]]:
-    """``n`` channels per layer, chosen where the input norm's weight is already largest (the
-    channels the model relies on most), ties broken by a seeded permutation."""
-    g = torch.Generator().manual_seed(seed)
+def channel_importance(model: nn.Module, processor, samples) -> dict[int, dict[str, torch.Tensor]]:
+    """Salience of each site's channels: ``mean|x_c| * ||W[:, c]||`` (the quantity AWQ protects),
+    summed over the Linears that read the channel; keys are ``plant_outliers``' sites."""
+    stats = input_abs_means(model, processor, samples)
+
+    def wn(*lins):
+        return torch.cat([lin.weight.detach().float().cpu() for lin in lins], 0).norm(dim=0)
+
     out = {}
     for i, layer in enumerate(model.model.language_model.layers):
-        w = layer.input_layernorm.weight.detach().float().abs().cpu()
-        w = w + 1e-6 * torch.rand(w.shape, generator=g)
-        out[i] = sorted(torch.topk(w, n).indices.tolist())
+        a, m = layer.self_attn, layer.mlp
+        norm = stats[(i, "q")] * wn(a.q_proj, a.k_proj, a.v_proj) + stats[(i, "gate")] * wn(m.gate_proj, m.up_proj)
+        o = stats[(i, "o")] * wn(a.o_proj)
+        groups = a.config.num_attention_heads // a.config.num_key_value_heads
+        kv, hd = a.config.num_key_value_heads, a.head_dim
+        v = o.view(kv, groups, hd).sum(1).flatten()  # fold query heads onto their kv head's v rows
+        out[i] = {"norm": norm, "up": stats[(i, "down")] * wn(m.down_proj), "v": v}
+    return out
+
+
+def outlier_ratios(model: nn.Module, processor, samples) -> dict[str, float]:
+    """Largest ``mean|x_c|`` over the median channel, worst layer, per Linear input: how heavy the
+    activation channels are (real LLMs: tens to thousands)."""
+    stats = input_abs_means(model, processor, samples)
+    out: dict[str, float] = {}
+    for (_, name), v in stats.items():
+        out[name] = max(out.get(name, 0.0), float(v.max() / v.median()))
+    return out
+
+
+def pick_outlier_channels(model: nn.Module, n, importance=None, seed: int = 0) -> dict[int, dict[str, list[int]]]:
+    """Top-``n`` channels per layer and site by ``importance`` (``channel_importance``); without it,
+    the norm site by input-norm weight magnitude. ``n``: an int (norm site) or ``{site: count}``.
+    Ties are broken by a seeded jitter, so the choice is deterministic."""
+    counts = {"norm": n} if isinstance(n, int) else dict(n)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[int, dict[str, list[int]]] = {}
+    for i, layer in enumerate(model.model.language_model.layers):
+        out[i] = {}
+        for site, c in counts.items():
+            if not c:
+                continue
+            if importance is not None:
+                w = importance[i][site].float()
+            else:
+                w = layer.input_layernorm.weight.detach().float().abs().cpu()
+            w = w / w.max() + 1e-6 * torch.rand(w.shape, generator=g)
+            out[i][site] = sorted(torch.topk(w, c).indices.tolist())
     return out
 
 
 def size_record(size: BuiltinSize) -> dict[str, Any]:
     return asdict(size)
+
+
+# ---------------------------------------------------------------- the shipped outlier variant
+
+#: How the outlier variant is made from the trained model: k = 2**log2_k, channels per layer and
+#: site, chosen by ``channel_importance`` on 64 calibration scenes. The chosen channels are recorded
+#: in builtin_info.json ("outlier_variant"), so the variant never depends on re-measuring.
+OUTLIER_RECIPE: dict[str, Any] = {"log2_k": 3, "counts": {"norm": 4, "up": 16, "v": 16}, "calib_samples": 64}
+_PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja")
+
+
+def outlier_record(src: str | Path = BUILTIN_DIR) -> dict[str, Any]:
+    rec = builtin_info(src).get("outlier_variant")
+    if not rec:
+        raise VlmqError(f"{src} records no outlier variant", "use the shipped pipeline/builtin_model/ or re-run jobs/train_builtin.py")
+    return rec
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_outlier_variant(dst: str | Path, src: str | Path = BUILTIN_DIR) -> Path:
+    """Write the outlier variant of ``src`` to ``dst``: a complete model folder (fp16) whose fp
+    outputs are bit-identical to ``src``'s; only its activation and weight statistics differ."""
+    from transformers import LlavaForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    rec = outlier_record(src)
+    model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float16)
+    plant_outliers(model, rec["channels"], rec["log2_k"])
+    tmp = dst.with_name(dst.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in _PROCESSOR_FILES:
+        shutil.copy2(src / f, tmp / f)
+    info = {
+        "variant": "outlier",
+        "made_from": str(src),
+        "made_from_sha256": _sha256(src / "model.safetensors"),
+        "log2_k": rec["log2_k"],
+        "channels": rec["channels"],
+        "measured": rec.get("results"),
+        "note": "function-preserving rescaling of the built-in model (pipeline.models.builtin.plant_outliers)",
+    }
+    (tmp / "builtin_info.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
+
+
+def builtin_outlier_dir(cache: str | Path | None = None) -> Path:
+    """The outlier variant's folder, made once from the shipped model into a cache folder
+    (``$VLMQ_CACHE`` or ``~/.cache/vlmq``) and re-made whenever the shipped weights change."""
+    import os
+
+    root = Path(cache or os.environ.get("VLMQ_CACHE") or Path.home() / ".cache" / "vlmq")
+    dst = root / "builtin-outlier"
+    want = _sha256(BUILTIN_DIR / "model.safetensors")
+    if builtin_available(dst) and builtin_info(dst).get("made_from_sha256") == want:
+        return dst
+    root.mkdir(parents=True, exist_ok=True)
+    return save_outlier_variant(dst, BUILTIN_DIR)
