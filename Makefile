@@ -20,7 +20,7 @@ demo: $(VENV)/.done
 	$(VENV)/bin/vlmq demo --out demo-out
 
 test: $(VENV)/.done
-	$(VPY) -m pytest -q
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q
 
 clean:
 	rm -rf demo-out .pytest_cache

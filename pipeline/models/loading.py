@@ -143,20 +143,27 @@ def build_model(
     adapter: VLMAdapter,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    skip_layers: bool = False,
 ) -> nn.Module:
     """The whole model from ``source`` (eval mode, sdpa attention, parameters frozen).
 
     ``dtype`` casts floating tensors (None keeps the checkpoint's); tied embeddings are tied when
-    the config says so and the checkpoint omits the tied copy.
+    the config says so and the checkpoint omits the tied copy. ``skip_layers`` leaves the decoder
+    layers on the meta device: the *head* a layer-streamed runner keeps resident.
     """
     model = _buffers_to(build_meta_model(source.config_dict, adapter), device)
     names = source.keys()
+    if skip_layers:
+        prefix = adapter.layers_path + "."
+        names = [n for n in names if not n.startswith(prefix)]
     _materialize(model, ((n, _prepare(source.get(n), dtype, device)) for n in names), "build_model")
     have = set(names)
     for target, src in _tie_targets(model).items():
         if target not in have:
             _assign(model, target, model.get_parameter(src))
     missing = _missing(model)
+    if skip_layers:
+        missing = [n for n in missing if not n.startswith(adapter.layers_path + ".")]
     if missing:
         raise VlmqError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}",
                         "the weights are incomplete or belong to another config; re-copy the checkpoint")

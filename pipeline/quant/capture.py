@@ -12,23 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# kwargs a decoder layer receives that must not be replayed (caches, flags).
-_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions", "cache_position")
-
-
-def clean_layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keep what a standalone layer replay needs (position embeddings, position ids, mask)."""
-    out: dict[str, Any] = {}
-    for k, v in kwargs.items():
-        if k in _DROP_KWARGS:
-            continue
-        if isinstance(v, torch.Tensor):
-            out[k] = v.detach()
-        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
-            out[k] = tuple(t.detach() for t in v)
-        elif v is None:
-            out[k] = None
-    return out
+from ..models.layer_io import clean_layer_kwargs
 
 
 @torch.no_grad()

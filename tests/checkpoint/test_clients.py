@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import SCHEMES, decoder_linears, logits_of, rtn
+from ckpt_helpers import SCHEMES, decoder_linears, logits_of, rtn
 from safetensors.torch import load_file
 from torch import nn
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import decoder_linears, fake_quant_model, logits_of, reference_hook, rtn
+from ckpt_helpers import decoder_linears, fake_quant_model, logits_of, reference_hook, rtn
 
 from pipeline.checkpoint import format_report, validate_checkpoint, write_checkpoint
 from pipeline.models import detect_adapter

@@ -4,7 +4,7 @@ by validate: W4A8 activation fake-quant, and a bf16 compute dtype with fp32 stor
 from __future__ import annotations
 
 import torch
-from conftest import logits_of, rtn
+from ckpt_helpers import logits_of, rtn
 
 from pipeline.checkpoint import format_report, validate_checkpoint, write_checkpoint, write_reference
 from pipeline.models.loading import build_model
