@@ -16,10 +16,10 @@ for s in $STAGES; do
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
     tests)
       stamp tests
-      timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
+      timeout 120 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
     sweep)
       stamp sweep
-      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
+      timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
         --m 1 16 2048 --bits 4 3 --reps 15 --out "$OUT/sweep" 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -60 ;;
     sweepsym)
       stamp sweepsym
@@ -31,7 +31,7 @@ for s in $STAGES; do
         | grep -v Warning | tee "$OUT/bench.log" | tail -5 ;;
     decode)
       stamp decode
-      timeout 300 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
+      timeout 170 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
     ncu)
       stamp ncu
       timeout 200 ncu --clock-control none -k regex:gemv_kernel -c 1 --section SpeedOfLight --section Occupancy \
