@@ -16,6 +16,7 @@ the unquantized layer computes them), so "RTN", "scaled" and "clipped" numbers c
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from .groups import (GroupInputs, TokenChunk, Weighting, capture_group_inputs, compute_dtype, error_sum,
-                     foldable, folded_tensors, is_qk, module_device, to_device)
-from .quantizer import QuantizedWeight, QuantScheme, fake_quantize_activations, quantize_weight
-from .types import BlockCalib, BlockResult, LinearGroup, Sample, SearchSettings, layer_forward
+                     foldable, folded_tensors, is_qk, replay)
+from .quantizer import (QuantizedWeight, QuantScheme, compute_qparams, fake_quantize_activations,
+                        quantize_weight)
+from .types import BlockCalib, BlockResult, LinearGroup, Sample, SearchSettings
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,19 @@ def awq_scales(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def fake_quant(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype) -> torch.Tensor:
-    return quantize_weight(w, scheme, scale_dtype).dequantize(w.dtype)
+    """``quantize_weight(w).dequantize()`` without the integer round trip (same values, to the bit:
+    the codes are small integers, exact in fp32); the inner loop of every search."""
+    scale, zero = compute_qparams(w, scheme, scale_dtype)
+    out_f, in_f = w.shape
+    wg = w.detach().float().reshape(out_f, scheme.n_groups(in_f), -1)
+    s = scale.float().unsqueeze(-1)
+    q = torch.round(wg / s)
+    if zero is not None:
+        z = zero.float().unsqueeze(-1)
+        q = (q + z).clamp_(scheme.qmin, scheme.qmax) - z
+    else:
+        q = q.clamp_(scheme.qmin, scheme.qmax)
+    return (q * s).reshape(out_f, in_f).to(w.dtype)
 
 
 def clamp_groups(w: torch.Tensor, ratio: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -215,9 +229,8 @@ def fp_samples(samples: Sequence[Sample], before: Sequence[nn.Module]) -> Iterat
     for smp in samples:
         h = smp.hidden
         for layer in before:
-            dev = module_device(layer)
             with torch.no_grad():
-                h = layer_forward(layer, h.to(dev), to_device(smp.layer_kwargs, dev))
+                h = replay(layer, Sample(h, smp.layer_kwargs, smp.vision_mask, smp.answer_mask))
         yield Sample(h, smp.layer_kwargs, smp.vision_mask, smp.answer_mask)
 
 
@@ -244,15 +257,19 @@ def scale_search_layer(
     """One decoder layer: choose scales per group, clip, fold, quantize. Does not modify ``layer``.
 
     Returns ({rel Linear path: QuantizedWeight}, {rel param path: folded fp tensor}, metrics),
-    tensors on the CPU.
+    tensors on the CPU. Metrics: per group ``kind``, ``weight`` (MBQ's r or None), ``alpha``,
+    ``loss_rtn`` / ``loss_scaled`` / ``loss_clip`` / ``loss_final``, ``grid`` (loss per alpha),
+    ``clip`` (per Linear mean/min ratio), ``skipped`` (why a group was not scaled); and
+    ``time_s`` per phase.
     """
     opts = ScaleOptions.from_options(settings.options)
     device = torch.device(settings.device)
-    scheme = settings.scheme
     scales: dict[str, torch.Tensor] = {}
     ratios: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {}
+    times = {"capture": 0.0, "scales": 0.0, "clip": 0.0, "finalize": 0.0}
     for group in settings.groups:
+        t0 = time.perf_counter()
         why_not = foldable(layer, group)
         inputs = capture_group_inputs(layer, samples, group.linears[0], device, opts.chunk_tokens)
         cdt = compute_dtype(inputs.chunks[0].x.dtype)
@@ -260,9 +277,10 @@ def scale_search_layer(
         w = torch.cat(ws)
         weighting = weighting_for(group)
         gl = GroupLoss(inputs, w, weighting, settings.abits, search_dtype(opts, device, inputs.chunks[0].x.dtype))
+        t1 = time.perf_counter()
 
         def loss(s: torch.Tensor) -> float:
-            return gl(s, fake_quant(w * s, scheme, settings.scale_dtype))
+            return gl(s, fake_quant(w * s, settings.scheme, settings.scale_dtype))
 
         m: dict[str, Any] = {"kind": group.kind, "weight": weighting.vision_weight}
         if why_not is None:
@@ -273,38 +291,56 @@ def scale_search_layer(
             s = torch.ones(w.shape[1], dtype=cdt, device=device)
             lo = loss(s)
             m.update({"alpha": 0.0, "loss_rtn": lo, "loss_scaled": lo, "skipped": why_not})
-
-        # clip search, in the group's frame (weights W*s, inputs X/s)
-        wq_parts, clip_m = [], {}
-        sub = inputs.subsample(opts.clip_tokens) if clip else None
-        sub_w = Weighting(weighting.norm, weighting.vision_weight if clip_weighted else None)
-        for name, wi in zip(group.linears, ws):
-            wsc = wi * s
-            r = torch.ones(wi.shape[0], scheme.n_groups(wi.shape[1]), dtype=cdt, device=device)
-            if clip and not (opts.clip_skip_qk and is_qk(name)):
-                xs = sub.x.to(cdt) / s
-                r = clip_search(wsc, xs, sub_w.token_weights(sub), sub_w.norm, scheme, settings.scale_dtype,
-                                settings.abits, opts.clip_ratios(), opts.clip_budget)
-                before = linear_error(wsc, fake_quant(wsc, scheme, settings.scale_dtype), sub, s, sub_w,
-                                      settings.abits)
-                after = linear_error(wsc, fake_quant(clamp_groups(wsc, r, scheme), scheme, settings.scale_dtype),
-                                     sub, s, sub_w, settings.abits)
-                reverted = not after < before  # per-group choices are greedy; never accept a worse Linear
-                if reverted:
-                    r = torch.ones_like(r)
-                clip_m[name] = {"mean": float(r.mean()), "min": float(r.min()), "reverted": reverted}
-            elif clip:
-                clip_m[name] = {"mean": 1.0, "min": 1.0, "skipped": "q/k"}
-            ratios[name] = r
-            wq_parts.append(fake_quant(clamp_groups(wsc, r, scheme), scheme, settings.scale_dtype))
+        t2 = time.perf_counter()
         if clip:
-            m["loss_clip"] = gl(s, torch.cat(wq_parts))
-            m["clip"] = clip_m
+            clip_weighting = Weighting(weighting.norm, weighting.vision_weight if clip_weighted else None)
+            m["clip"], wq = _clip_group(group, ws, s, inputs.subsample(opts.clip_tokens), clip_weighting, settings,
+                                        opts, ratios)
+            m["loss_clip"] = gl(s, wq)
+        else:
+            for name, wi in zip(group.linears, ws):
+                ratios[name] = torch.ones(wi.shape[0], settings.scheme.n_groups(wi.shape[1]), dtype=cdt, device=device)
         m["loss_final"] = m["loss_clip"] if clip else m["loss_scaled"]
         metrics[group.name] = m
-        del inputs, gl, sub
+        del inputs, gl
+        times["capture"] += t1 - t0
+        times["scales"] += t2 - t1
+        times["clip"] += time.perf_counter() - t2
+    t3 = time.perf_counter()
+    quantized, replaced = _finalize(layer, settings, scales, ratios)
+    times["finalize"] = time.perf_counter() - t3
+    metrics["time_s"] = {k: round(v, 4) for k, v in times.items()}
+    return quantized, replaced, metrics
 
-    return (*_finalize(layer, settings, scales, ratios), metrics)
+
+def _clip_group(group: LinearGroup, ws: list[torch.Tensor], s: torch.Tensor, sub: TokenChunk, weighting: Weighting,
+                settings: SearchSettings, opts: ScaleOptions,
+                ratios: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+    """Clip search of every Linear of a group in its scaled frame (weights W*s, inputs X/s).
+
+    Fills ``ratios`` ({Linear: [out, n_groups]}); returns (metrics, the group's clipped fake-quant
+    weights, rows concatenated)."""
+    scheme, sd, abits = settings.scheme, settings.scale_dtype, settings.abits
+    clip_m: dict[str, Any] = {}
+    parts = []
+    xs = sub.x.to(s.dtype) / s
+    for name, wi in zip(group.linears, ws):
+        wsc = wi * s
+        r = torch.ones(wi.shape[0], scheme.n_groups(wi.shape[1]), dtype=wi.dtype, device=wi.device)
+        if opts.clip_skip_qk and is_qk(name):
+            clip_m[name] = {"mean": 1.0, "min": 1.0, "skipped": "q/k"}
+        else:
+            r = clip_search(wsc, xs, weighting.token_weights(sub), weighting.norm, scheme, sd, abits,
+                            opts.clip_ratios(), opts.clip_budget)
+            before = linear_error(wsc, fake_quant(wsc, scheme, sd), sub, s, weighting, abits)
+            after = linear_error(wsc, fake_quant(clamp_groups(wsc, r, scheme), scheme, sd), sub, s, weighting, abits)
+            reverted = not after < before  # per-group choices are greedy: never accept a worse Linear
+            if reverted:
+                r = torch.ones_like(r)
+            clip_m[name] = {"mean": float(r.mean()), "min": float(r.min()), "reverted": reverted}
+        ratios[name] = r
+        parts.append(fake_quant(clamp_groups(wsc, r, scheme), scheme, sd))
+    return clip_m, torch.cat(parts)
 
 
 def _finalize(layer: nn.Module, settings: SearchSettings, scales: dict[str, torch.Tensor],

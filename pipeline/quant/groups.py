@@ -21,20 +21,33 @@ from .types import LinearGroup, Sample, layer_forward
 # ------------------------------------------------------------------------------------ devices
 
 
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """Tensors (also inside tuples/dicts) to ``device``; anything else unchanged."""
+def to_device(value: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Tensors (also inside tuples/dicts) to ``device``, floating ones to ``dtype`` when given."""
     if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
+        return tuple(to_device(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
     return value
 
 
 def module_device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def replay(layer: nn.Module, sample: Sample) -> torch.Tensor:
+    """``layer_forward`` on the layer's own device and dtype (a sample may be stored elsewhere)."""
+    dev, dt = module_device(layer), module_dtype(layer)
+    return layer_forward(layer, sample.hidden.to(device=dev, dtype=dt), to_device(sample.layer_kwargs, dev, dt))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,7 +110,6 @@ def capture_group_inputs(
     runs on its own device; the kept rows go to ``device``.
     """
     lin = layer.get_submodule(linear_path)
-    run_dev = module_device(layer)
     seen: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, args: tuple) -> None:
@@ -126,7 +138,7 @@ def capture_group_inputs(
     try:
         for smp in samples:
             seen.clear()
-            layer_forward(layer, smp.hidden.to(run_dev), to_device(smp.layer_kwargs, run_dev))
+            replay(layer, smp)
             if len(seen) != 1:
                 raise RuntimeError(f"{linear_path} ran {len(seen)} times in one layer forward; expected once")
             x = seen[0].to(device)

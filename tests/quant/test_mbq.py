@@ -70,7 +70,7 @@ def test_r1_mse_picks_awq_alpha_under_the_same_norm():
     for g in ("qkv", "o", "gate_up", "down"):
         assert mbq[g]["grid"] == pytest.approx(awq[g]["grid"], rel=1e-9)
         assert mbq[g]["alpha"] == awq[g]["alpha"]
-    assert len({awq[g]["alpha"] for g in awq}) > 1 or awq["qkv"]["alpha"] > 0  # a real search happened
+    assert any(awq[g]["alpha"] > 0 for g in ("qkv", "o", "gate_up", "down"))  # a real search happened
 
     partial = samples(cfg, n=2, tokens=32, seed=8)  # has tokens that are neither (weight 0 for MBQ)
     awq_p = search_awq([layer], [0], BlockCalib(partial), settings(**st)).metrics["layers"]["0"]

@@ -118,3 +118,19 @@ def test_ratio_floor_median_by_hand():
     med = ratios({str(k): v for k, v in stats.items()}, "median")  # JSON round-trip keys
     assert [med[i]["r_attn"] for i in range(4)] == pytest.approx([1.5, 2.0, 1.5, 3.0])
     assert [med[i]["r_mlp"] for i in range(4)] == pytest.approx([3.0, 4.0, 3.0, 6.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pass_matches_cpu(tiny):
+    import copy
+
+    _, model, layers, data = tiny
+    cpu = merge_stats(*(model_sensitivity(model, layers, *d) for d in data))
+    gm = copy.deepcopy(model).cuda()
+    glayers = [m for m in gm.modules() if type(m) is type(layers[0])]
+    cuda = lambda d: ({k: v.cuda() for k, v in d[0].items()}, *(t.cuda() for t in d[1:]))  # noqa: E731
+    gpu = merge_stats(*(model_sensitivity(gm, glayers, *cuda(d)) for d in data))
+    for i in cpu:
+        for k, v in cpu[i].items():
+            assert gpu[i][k] == pytest.approx(v, rel=1e-3), (i, k)
