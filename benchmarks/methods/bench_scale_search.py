@@ -167,7 +167,8 @@ def main() -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            row = {"layer": li, "config": label, "search_s": round(dt, 3)}
+            row = {"layer": li, "config": label, "search_s": round(dt, 3),
+                   "phases_s": res.metrics["layers"][str(li)].get("time_s") if method != "rtn" else None}
             if dev.type == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if not a.only_time:
