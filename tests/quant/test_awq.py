@@ -215,11 +215,12 @@ def test_cuda_search_matches_cpu(method, abits):
     st.device = "cuda"
     gpu = SEARCHES[method]([copy.deepcopy(layer).cuda()], [0], make_calib(smps, 0.4, 0.6), st)
     mc, mg = cpu.metrics["layers"]["0"], gpu.metrics["layers"]["0"]
-    tol = 1e-4 if abits == 16 else 2e-3  # per-token int8 rounding flips with 1-ulp input differences
+    # 1-ulp input differences flip a rare weight scale's fp16 rounding or an int8 activation code
+    tol = 2e-3
     for g in ("qkv", "o", "gate_up", "down"):
         assert mg[g]["loss_rtn"] == pytest.approx(mc[g]["loss_rtn"], rel=tol)
         assert mg[g].get("grid", []) == pytest.approx(mc[g].get("grid", []), rel=tol)
-        assert mg[g]["alpha"] == mc[g]["alpha"]
+        assert mg[g]["loss_scaled"] == pytest.approx(mc[g]["loss_scaled"], rel=tol)
         assert mg[g]["loss_final"] == pytest.approx(mc[g]["loss_final"], rel=10 * tol)
     same = sum(int((cpu.quantized[k].qweight == gpu.quantized[k].qweight).sum()) for k in cpu.quantized)
     assert same / sum(v.qweight.numel() for v in cpu.quantized.values()) > 0.99
@@ -230,4 +231,4 @@ def test_cuda_search_matches_cpu(method, abits):
     for g in LLAMA_LIKE_GROUPS:  # a bf16-rounded layer: close, not equal
         m = b16.metrics["layers"]["0"][g.name]
         assert m["loss_final"] == pytest.approx(mc[g.name]["loss_final"], rel=0.3)
-        assert m["loss_final"] <= m["loss_rtn"]
+        assert m["loss_final"] <= m["loss_rtn"] or method == "smoothquant"  # SQ has no search
