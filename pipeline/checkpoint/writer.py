@@ -191,13 +191,15 @@ def _plan_units(
             )
         else:
             if k in replaced:
-                load, src_dtype = (lambda k=k: {k: replaced[k]}), replaced[k].dtype
+                load, src_dtype = (lambda k=k: {k: replaced[k]}), source.dtype(k)
             elif k in qin.replaced_from_parts:
                 load, src_dtype = (lambda k=k, p=qin.replaced_from_parts[k]: {k: _read_one(p, k)}), source.dtype(k)
             else:
                 load, src_dtype = (lambda k=k: {k: source.get(k)}), source.dtype(k)
             out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
-            units.append(_Unit([k], _nbytes(source.shape(k), out_dtype), _cast(load, dtype)))
+            # a replaced tensor (a folded norm, computed in fp32) is stored in the dtype of the
+            # tensor it replaces, like every untouched tensor
+            units.append(_Unit([k], _nbytes(source.shape(k), out_dtype), _cast(load, out_dtype)))
     return units
 
 

@@ -1,8 +1,9 @@
 """Fault injection for tests of the pipeline's failure handling (never set in normal use).
 
-``VLMQ_FAULT`` on the driver, e.g. ``search_raise:1`` (block 1's search raises every time) or
-``search_exit:1`` (the worker searching block 1 dies once, as a lost node would). The value
-travels to workers inside the job context, so it works on any cluster.
+``VLMQ_FAULT`` on the driver, e.g. ``search_raise:1`` (block 1's search raises every time),
+``search_exit:1`` (the worker searching block 1 dies once, as a lost node would), or
+``driver_exit:2`` (the driver dies once two blocks are done). The value travels to workers inside
+the job context, so it works on any cluster.
 """
 
 from __future__ import annotations
@@ -30,3 +31,8 @@ def maybe_fail(fault: str | None, stage: str, block: int, work_dir: str) -> None
         if not marker.exists():  # die once; the retry succeeds
             marker.write_text("1")
             os._exit(1)
+
+
+def maybe_kill_driver(fault: str | None, blocks_done: int) -> None:
+    if fault and fault.startswith("driver_exit:") and blocks_done >= int(fault.split(":")[1]):
+        os._exit(17)

@@ -103,19 +103,22 @@ def _stage(stages: dict[str, float], name: str):
 
 def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     """Run a whole job. Raises VlmqError on bad input before any expensive work."""
+    from .jobstate import prepare_work_dir
+
     view = view or JobView()
     stages: dict[str, float] = {}
     with _stage(stages, "check"):
         prep = check_job(spec)
+        resuming = prepare_work_dir(spec, prep.model_ref)
     work = spec.work_path
-    work.mkdir(parents=True, exist_ok=True)
     view.info(f"model {prep.model_ref} ({prep.family}, {prep.num_layers} decoder layers); "
-              f"recipe {spec.recipe.label}; device {prep.device}; compute {prep.compute_dtype}")
+              f"recipe {spec.recipe.label}; device {prep.device}; compute {prep.compute_dtype}"
+              + ("; resuming" if resuming else ""))
 
     with _stage(stages, "calibration data"):
-        table_path, holdout_path, data_report = build_tables(spec, prep, work)
-    view.info(f"calibration: {data_report['usable']} usable rows, {data_report['skipped_total']} skipped "
-              f"{data_report['skipped'] or ''}")
+        table_path, holdout_path, data_report = build_tables(spec, prep, work, reuse=resuming)
+    view.info(f"calibration: {data_report['calibration_rows']} rows + {data_report['holdout_rows']} held out, "
+              f"{data_report.get('skipped_total', 0)} skipped {data_report.get('skipped') or ''}")
 
     from .runtime import init_ray, shutdown_ray
 
@@ -127,24 +130,14 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             store_root=spec.resources.store or str(work / "acts"), compute_dtype=prep.compute_dtype,
             storage_dtype=prep.storage_dtype, allow_pickle=spec.allow_pickle,
             store_max_bytes=int(spec.resources.store_max_gb * 2**30) if spec.resources.store_max_gb else None,
-            options={"fault": fault_from_env()},
+            options={"fault": fault_from_env(), "groups": max(1, ray_ctx.num_gpus)},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
-        from ..quant import needs_calibration
-        from .stages import gather, reference, run_capture, run_search
+        from .stages import capture_and_search, gather, reference
 
-        sensitivity = None
-        if needs_calibration(spec.recipe.method):
-            with _stage(stages, "capture"):
-                cap = run_capture(ctx, ray_ctx, table_path, prep.num_layers, view)
-            if cap.get("sensitivity_stats"):
-                from ..quant.sensitivity import ratios
-
-                sensitivity = ratios(cap["sensitivity_stats"], spec.recipe.sensitivity_floor)
-                unfloored = ratios(cap["sensitivity_stats"], "none")
-                view.info("MBQ sensitivity r_attn " + " ".join(f"{v['r_attn']:.2f}" for v in sensitivity.values()))
-        with _stage(stages, "search"):
-            block_summaries = run_search(ctx, ray_ctx, prep.num_layers, view, sensitivity)
+        with _stage(stages, "capture + search"):
+            summaries, extras = capture_and_search(ctx, ray_ctx, table_path, data_report["calibration_rows"],
+                                                   prep.num_layers, view, resuming)
         with _stage(stages, "reference + fidelity"):
             ref = reference(ctx, ray_ctx, holdout_path, view)
         report = {
@@ -152,13 +145,11 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             "model": prep.model_ref,
             "family": prep.family,
             "data": data_report,
-            "blocks": block_summaries,
+            "blocks": summaries,
             "fidelity": ref["fidelity"],
             "stages_s": stages,
+            **extras,
         }
-        if sensitivity:
-            report["sensitivity"] = {"ratios": sensitivity, "unfloored": unfloored,
-                                     "floor": spec.recipe.sensitivity_floor}
         with _stage(stages, "gather"):
             out = gather(ctx, spec, prep, ref, report, view)
     finally:
@@ -183,8 +174,12 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     return result
 
 
-def build_tables(spec: JobSpec, prep: Prepared, work: Path) -> tuple[str, str, dict[str, Any]]:
-    """Calibration and held-out tables through the model's own processor (driver-side, no model)."""
+def build_tables(spec: JobSpec, prep: Prepared, work: Path, reuse: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """Calibration and held-out tables through the model's own processor (driver-side, no model).
+    A resumed job reuses the tables it built (same fingerprint, same data)."""
+    tpath, hpath, rpath = work / "calib.arrow", work / "holdout.arrow", work / "data_report.json"
+    if reuse and tpath.is_file() and hpath.is_file() and rpath.is_file():
+        return str(tpath), str(hpath), json.loads(rpath.read_text())
     from ..data.collate import build_calibration_table, save_table, split_holdout
     from ..data.sources import open_calib_source
     from ..models import ADAPTERS
@@ -198,13 +193,12 @@ def build_tables(spec: JobSpec, prep: Prepared, work: Path) -> tuple[str, str, d
     table, report = build_calibration_table(source.rows(), processor, vision_id, max_rows=c.num_samples + c.holdout,
                                             max_length=c.max_length)
     calib, holdout = split_holdout(table, min(c.holdout, max(0, table.num_rows - 1)), c.seed)
-    tpath, hpath = work / "calib.arrow", work / "holdout.arrow"
     save_table(calib, tpath)
     save_table(holdout, hpath)
-    rep = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    rep.setdefault("usable", calib.num_rows + holdout.num_rows)
+    rep = report.to_dict()
     rep["calibration_rows"] = calib.num_rows
     rep["holdout_rows"] = holdout.num_rows
+    rpath.write_text(json.dumps(rep, default=str))
     return str(tpath), str(hpath), rep
 
 

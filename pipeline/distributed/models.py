@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import VlmqError
@@ -12,13 +13,13 @@ TINY_FALLBACK_FAMILY = "llava"
 
 def resolve_model(model: str, work_dir: Path) -> str:
     """``builtin`` -> the shipped trained model (or, until it exists, a tiny random LLaVA
-    generated deterministically into ``work_dir``); ``synthetic:NAME`` -> a weightless model
-    folder in ``work_dir``; paths are made absolute."""
+    generated deterministically into the cache); ``synthetic:NAME`` -> a weightless model
+    folder in the cache; paths are made absolute."""
     if model.startswith("synthetic:"):
         from ..models.synthetic import materialize_synthetic
 
         name = model.split(":", 1)[1]
-        return str(materialize_synthetic(name, Path(work_dir) / f"synthetic-{name}").resolve())
+        return str(_atomic_dir(cache_dir() / f"synthetic-{name}", lambda d: materialize_synthetic(name, d)))
     if model == "builtin":
         from ..models.builtin import BUILTIN_DIR, builtin_available
 
@@ -32,13 +33,30 @@ def resolve_model(model: str, work_dir: Path) -> str:
     return str(p.resolve())
 
 
+def cache_dir() -> Path:
+    """Where generated models live (deterministic, so shared by jobs): $VLMQ_CACHE or ~/.cache/vlmq."""
+    return Path(os.environ.get("VLMQ_CACHE") or Path.home() / ".cache" / "vlmq")
+
+
 def tiny_builtin(work_dir: Path) -> Path:
     from ..models.tiny import save_tiny
 
-    out = Path(work_dir) / "tiny-llava"
+    return _atomic_dir(cache_dir() / "tiny-llava", lambda d: save_tiny(TINY_FALLBACK_FAMILY, d, seed=0))
+
+
+def _atomic_dir(out: Path, build) -> Path:
+    """Build a generated folder once, atomically (concurrent jobs may race for it)."""
+    import shutil
+
     if not (out / "config.json").exists():
-        save_tiny(TINY_FALLBACK_FAMILY, out, seed=0)
-    return out
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        build(tmp)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(out)
+        except OSError:  # another job won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out.resolve()
 
 
 def open_model_source(ref: str, allow_pickle: bool = False, device: str | None = None) -> WeightSource:

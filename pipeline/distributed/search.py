@@ -27,16 +27,19 @@ def recipe_scheme(ctx: JobContext) -> QuantScheme:
 
 
 def load_block_calib(ctx: JobContext, first_layer: int, sensitivity: dict | None) -> BlockCalib:
-    """The fp inputs of the block's first layer, joined with each sample's shared metadata."""
+    """The fp inputs of the block's first layer (every sample group), with each sample's
+    shared metadata (layer kwargs, modality masks)."""
     from ..data.store import ActivationStore
+    from .wavefront import group_root
 
-    store = ActivationStore(ctx.store_root)
     samples: list[Sample] = []
-    for chunk in store.iter_layer(first_layer):
-        for sid, hidden in chunk:
-            meta = store.get_meta(sid)
-            masks = {k: meta.pop(k) for k in _MASK_KEYS}
-            samples.append(Sample(hidden=hidden, layer_kwargs=meta, **masks))
+    for g in range(ctx.options.get("groups", 1)):
+        store = ActivationStore(group_root(ctx.store_root, g))
+        for chunk in store.iter_layer(first_layer):
+            for sid, hidden in chunk:
+                meta = store.get_meta(sid)
+                masks = {k: meta.pop(k) for k in _MASK_KEYS}
+                samples.append(Sample(hidden=hidden, layer_kwargs=meta, **masks))
     return BlockCalib(samples=samples, sensitivity=sensitivity)
 
 

@@ -5,40 +5,22 @@ No numerics here: every stage calls functions of ``pipeline.quant`` / ``pipeline
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from .capture import CaptureWorker
 from .context import JobContext, worker_device
 from .progress import JobView
 from .runtime import RayContext
 from .search import search_block
 
-CAPTURE_BATCH = 8  # samples per capture call (progress granularity)
 MAX_RETRIES = 3  # a lost worker's block is retried this many times
+SENSITIVITY_FILE = "sensitivity.json"
+OVERLAP_METHODS = ("rtn", "awq", "smoothquant")  # blocks known before capture: search overlaps it
 
 
 def _placement(ray_ctx: RayContext) -> dict[str, Any]:
     return {"num_gpus": 1} if ray_ctx.num_gpus else {"num_cpus": 1}
-
-
-def run_capture(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_layers: int, view: JobView) -> dict:
-    import ray
-
-    from ..data.collate import load_table
-
-    n = load_table(table_path).num_rows
-    worker = ray.remote(**_placement(ray_ctx))(CaptureWorker).remote(ctx)
-    try:
-        ray.get(worker.begin.remote())
-        with view.task("capture", total=n) as advance:
-            for start in range(0, n, CAPTURE_BATCH):
-                rows = list(range(start, min(n, start + CAPTURE_BATCH)))
-                stats = ray.get(worker.capture_batch.remote(table_path, rows))
-                advance(len(rows), note=f"{stats['tokens']} tokens")
-        return ray.get(worker.finish.remote())
-    finally:
-        ray.kill(worker)
 
 
 def plan_blocks(n_layers: int, method: str) -> list[list[int]]:
@@ -46,54 +28,95 @@ def plan_blocks(n_layers: int, method: str) -> list[list[int]]:
     return [[i] for i in range(n_layers)]
 
 
-def run_search(ctx: JobContext, ray_ctx: RayContext, n_layers: int, view: JobView,
-               sensitivity: dict[int, dict[str, float]] | None = None) -> list[dict[str, Any]]:
-    import ray
+def finished_blocks(ctx: JobContext, blocks: list[list[int]] | None) -> set[int]:
+    """Blocks whose part file exists (parts are written atomically, so existing means complete)."""
+    from ..checkpoint.parts import read_part_index
 
-    blocks = plan_blocks(n_layers, ctx.recipe.method)
-    task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, **_placement(ray_ctx))(search_block)
-    pending = {}
-    for b, ids in enumerate(blocks):
-        sens = {i: sensitivity[i] for i in ids} if sensitivity else None
-        pending[task.remote(ctx, b, ids, sens)] = b
-    done: list[dict[str, Any]] = []
-    with view.task(f"search ({ray_ctx.search_workers} workers)", total=len(blocks)) as advance:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                pending.pop(ref)
-                summary = ray.get(ref)
-                done.append(summary)
-                advance(1, note=f"block {summary['block']}")
-    return sorted(done, key=lambda s: s["block"])
+    done = set()
+    for p in Path(ctx.parts_dir).glob("block_*.safetensors"):
+        b = int(p.stem.split("_")[1])
+        try:
+            read_part_index(p)
+        except Exception:  # unreadable: redo it
+            continue
+        if blocks is None or b < len(blocks):
+            done.add(b)
+    return done
+
+
+def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_rows: int, n_layers: int,
+                       view: JobView, resuming: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the capture wavefront and every block search; returns (block summaries, report extras)."""
+    from ..quant import needs_calibration
+    from .scheduler import CaptureAndSearch
+    from .wavefront import needs_last_stream, save_json
+
+    method = ctx.recipe.method
+    work = Path(ctx.work_dir)
+    early = plan_blocks(n_layers, method) if method in OVERLAP_METHODS else None
+    extras: dict[str, Any] = {}
+    saved_sens = work / SENSITIVITY_FILE
+    known = json.loads(saved_sens.read_text()) if resuming and saved_sens.is_file() else None
+
+    def after_capture(stats: list[dict[str, Any]]) -> tuple[list[list[int]], dict | None]:
+        sens = None
+        if needs_last_stream(method):
+            if known is not None:
+                sens = {int(k): v for k, v in known["ratios"].items()}
+            else:
+                from ..quant.sensitivity import merge_stats, ratios
+
+                merged = merge_stats(*[s["stats"] for s in stats if "stats" in s])
+                sens = ratios(merged, ctx.recipe.sensitivity_floor)
+                save_json(saved_sens, {"ratios": sens, "unfloored": ratios(merged, "none"),
+                                       "floor": ctx.recipe.sensitivity_floor})
+            view.info("MBQ sensitivity r_attn " + " ".join(f"{v['r_attn']:.2f}" for v in sens.values()))
+        return early or plan_blocks(n_layers, method), sens
+
+    done = finished_blocks(ctx, early) if resuming else set()
+    if done:
+        view.info(f"resume: {len(done)} blocks already done")
+    sched = CaptureAndSearch(ctx, ray_ctx, table_path, n_rows, n_layers, view, done, search_block)
+    summaries = sched.run(early, after_capture, capture=needs_calibration(method),
+                          known_sensitivity=known is not None)
+    if saved_sens.is_file():
+        extras["sensitivity"] = json.loads(saved_sens.read_text())
+    extras["resumed_blocks"] = sorted(done)
+    return summaries, extras
 
 
 def part_paths(ctx: JobContext) -> list[str]:
     return sorted(str(p) for p in Path(ctx.parts_dir).glob("block_*.safetensors"))
 
 
-def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str) -> dict[str, Any]:
+def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_reference: int = 4) -> dict[str, Any]:
+    """fp and fake-quant logits of the held-out samples, decoder layers streamed one at a time
+    (so the reference of a 72B model needs one layer of memory, like the capture)."""
     from ..checkpoint.parts import read_part
-    from ..evaluate.fidelity import reference_outputs
+    from ..data.collate import load_table, row_masks, row_to_model_inputs
+    from ..evaluate.fidelity import logit_fidelity, merge_fidelity, prediction_masks
+    from ..evaluate.streamed import OverlaySource, act_quant_hook, collect, streamed_logits
     from ..models import ADAPTERS
-    from ..models.loading import build_model
     from .models import open_model_source
 
     adapter = ADAPTERS[ctx.family]
     source = open_model_source(ctx.model, ctx.allow_pickle)
-    model = build_model(source, adapter, dtype=ctx.torch_compute_dtype, device=worker_device())
-
-    def load_parts():
-        quantized, replaced = {}, {}
-        for p in parts:
-            q, r, _ = read_part(p)
-            quantized.update(q)
-            replaced.update(r)
-        return quantized, replaced
-
-    from ..data.collate import load_table
-
-    return reference_outputs(model, load_table(holdout_path), load_parts, act_bits=ctx.recipe.abits)
+    table = load_table(holdout_path)
+    inputs = [row_to_model_inputs(table, r) for r in range(table.num_rows)]
+    masks = []
+    for r in range(table.num_rows):
+        m = row_masks(table, r)
+        masks.append(prediction_masks(m["answer_mask"], m["vision_mask"]))
+    device, dtype = worker_device(), ctx.torch_compute_dtype
+    fp = streamed_logits(source, adapter, inputs, dtype, device)
+    quantized, replaced = collect(read_part(p)[:2] for p in parts)
+    q = streamed_logits(OverlaySource(source, quantized, replaced), adapter, inputs, dtype, device,
+                        layer_hook=act_quant_hook(ctx.recipe.abits))
+    fidelity = {k: merge_fidelity([logit_fidelity(a, b, m[k]) for a, b, m in zip(fp, q, masks)])
+                for k in ("answer", "text")}
+    return {"fidelity": fidelity, "inputs": inputs[:n_reference],
+            "ref_logits": [x.unsqueeze(0) for x in q[:n_reference]],
+            "ref_fp_logits": [x.unsqueeze(0) for x in fp[:n_reference]]}
 
 
 def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: JobView) -> dict[str, Any]:

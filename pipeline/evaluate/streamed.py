@@ -126,7 +126,9 @@ class OverlaySource(WeightSource):
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.quantized:
-            return self.quantized[name].dequantize(self.base.dtype(name))
+            # exact (q - zero) * scale; the layer builder casts to the compute dtype, as the
+            # checkpoint loader does
+            return self.quantized[name].dequantize(torch.float32)
         if name in self.replaced:
             return self.replaced[name].to(self.base.dtype(name))
         return self.base.get(name)

@@ -1,0 +1,185 @@
+"""The driver's event loop for capture + search: which Ray work to start, when, and where.
+
+- Capture: one ``WavefrontWorker`` per group of samples (one group per GPU; one on CPUs), each
+  walking the decoder layer by layer. A layer's stream is complete when every group passed it.
+- Search: a block becomes a Ray task the moment its input stream is complete and its method has
+  what it needs (MBQ: the sensitivity ratios of every layer; Q-VLM: the partition). For AWQ and
+  SmoothQuant that means search overlaps capture.
+- Streams are deleted as soon as nothing needs them (the capture has moved past, the block that
+  reads them is done, the gradient pass is over), so the store holds a moving window.
+- Lost workers: actors restart and retry their idempotent calls; search tasks are retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..data.store import ActivationStore
+from .context import JobContext
+from .faults import maybe_kill_driver
+from .progress import JobView
+from .runtime import RayContext
+from .wavefront import WavefrontWorker, group_root, needs_last_stream
+
+MAX_RETRIES = 3
+
+
+def placement(ray_ctx: RayContext, share: float = 0.5) -> dict[str, Any]:
+    """Capture workers and search tasks each take half a GPU, so one of each runs per GPU
+    while capture lasts and two searches per GPU after; on CPUs one core each."""
+    return {"num_gpus": share} if ray_ctx.num_gpus else {"num_cpus": 1}
+
+
+def split_rows(n_rows: int, n_groups: int) -> list[list[int]]:
+    """Contiguous, near-equal groups of table rows."""
+    n_groups = max(1, min(n_groups, n_rows))
+    bounds = [round(k * n_rows / n_groups) for k in range(n_groups + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(n_groups)]
+
+
+class CaptureAndSearch:
+    """One job's capture and search. ``blocks_for(capture_result)`` gives the blocks once the
+    method has what it needs; for overlap methods it is known up front (``early_blocks``)."""
+
+    def __init__(self, ctx: JobContext, ray_ctx: RayContext, table_path: str, n_rows: int, n_layers: int,
+                 view: JobView, done_blocks: set[int], search_fn: Callable):
+        self.ctx, self.ray_ctx, self.view = ctx, ray_ctx, view
+        self.table_path, self.n_layers = table_path, n_layers
+        self.groups = split_rows(n_rows, ctx.options.get("groups", 1))
+        self.done_blocks = set(done_blocks)
+        self.search_fn = search_fn
+        self.method = ctx.recipe.method
+        self.stores = [ActivationStore(group_root(ctx.store_root, g)) for g in range(len(self.groups))]
+        self.summaries: list[dict[str, Any]] = []
+        self.capture_stats: list[dict[str, Any]] = []
+
+    # -- streams --------------------------------------------------------------------------
+
+    def stream_complete(self, layer: int) -> bool:
+        return all(s.is_complete(layer) for s in self.stores)
+
+    def store_bytes(self) -> int:
+        return sum(s.bytes_used() for s in self.stores)
+
+    def _delete_unneeded(self, passed: set[int], blocks: list[list[int]] | None, backward_done: bool) -> None:
+        """A stream may go once the wavefront has passed it, no unfinished block starts there,
+        and the gradient pass (if any) no longer needs it."""
+        if needs_last_stream(self.method) and not backward_done:
+            return
+        if blocks is None:  # partition unknown yet: every stream may start a block
+            return
+        pending_firsts = {b[0] for k, b in enumerate(blocks) if k not in self.done_blocks}
+        for layer in sorted(passed):
+            if layer not in pending_firsts:
+                for s in self.stores:
+                    s.delete(layer)
+                passed.discard(layer)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, early_blocks: list[list[int]] | None,
+            after_capture: Callable[[list[dict[str, Any]]], tuple[list[list[int]], dict | None]],
+            capture: bool = True, known_sensitivity: bool = False) -> list[dict]:
+        """Capture (unless the method needs none), search every block, return block summaries.
+
+        ``early_blocks``: the blocks when known before capture (then search overlaps capture);
+        ``after_capture(stats) -> (blocks, sensitivity)`` runs once capture (and MBQ's gradient
+        pass) is over.
+        """
+        import ray
+
+        ctx, n_layers = self.ctx, self.n_layers
+        workers: list = []
+        calls: dict[Any, tuple[int, int]] = {}  # ref -> (group, layer); layer -1 = embed
+        if capture:
+            actor_cls = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
+                                   **placement(self.ray_ctx))(WavefrontWorker)
+            workers = [actor_cls.remote(ctx, g, len(self.groups), self.table_path, rows)
+                       for g, rows in enumerate(self.groups)]
+            for g, w in enumerate(workers):
+                calls[w.embed.remote()] = (g, -1)
+                for i in range(n_layers):
+                    calls[w.forward.remote(i)] = (g, i)
+        left = {i: len(workers) for i in range(-1, n_layers)}  # capture calls left per layer
+        search_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False,
+                                 **placement(self.ray_ctx))(self.search_fn)
+        st = {"blocks": early_blocks, "sensitivity": None, "phase_done": False}
+        running: dict[Any, int] = {}
+        submitted: set[int] = set()
+        passed: set[int] = set()  # streams every group has moved past
+        backward_refs: list = []
+        need_backward = capture and needs_last_stream(self.method) and not known_sensitivity
+        t0 = last_note = time.perf_counter()
+
+        def submit_ready() -> None:
+            blocks = st["blocks"]
+            if blocks is None or (need_backward and not st["phase_done"]):
+                return
+            for b, ids in enumerate(blocks):
+                if b in self.done_blocks or b in submitted:
+                    continue
+                if not capture or self.stream_complete(ids[0]):
+                    sens = st["sensitivity"]
+                    running[search_task.remote(ctx, b, ids, {i: sens[i] for i in ids} if sens else None)] = b
+                    submitted.add(b)
+
+        with self.view.task("capture (group x layer)", total=max(1, len(calls))) as cap_adv, \
+                self.view.task("search (blocks)", total=len(early_blocks or []) or n_layers) as srch_adv:
+            if self.done_blocks:
+                srch_adv(len(self.done_blocks), note="resumed")
+            submit_ready()
+            while True:
+                if not calls and need_backward and not backward_refs and not st["phase_done"] \
+                        and not self.capture_stats_has_backward():
+                    self.view.info("gradient pass (MBQ sensitivity), layer by layer in reverse")
+                    backward_refs = [w.backward.remote() for w in workers]
+                if not calls and not backward_refs and not st["phase_done"]:
+                    st["blocks"], st["sensitivity"] = after_capture(self.capture_stats)
+                    st["phase_done"] = True
+                    srch_adv(0, total=len(st["blocks"]))
+                    submit_ready()
+                if st["phase_done"] and not running and len(self.done_blocks) >= len(st["blocks"]):
+                    break
+                pending = list(calls) + backward_refs + list(running)
+                ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
+                for ref in ready:
+                    if ref in calls:
+                        _g, i = calls.pop(ref)
+                        self.capture_stats.append(ray.get(ref))
+                        left[i] -= 1
+                        cap_adv(1, note=f"layer {i + 1}/{n_layers}")
+                        if left[i] == 0:
+                            if i >= 0:
+                                passed.add(i)
+                            submit_ready()
+                    elif ref in backward_refs:
+                        backward_refs.remove(ref)
+                        self.capture_stats.append(ray.get(ref))
+                    else:
+                        b = running.pop(ref)
+                        summary = ray.get(ref)
+                        self.summaries.append(summary)
+                        self.done_blocks.add(b)
+                        srch_adv(1, note=f"block {b} ({summary.get('search_s', 0):.1f}s)")
+                        maybe_kill_driver(ctx.options.get("fault"), len(self.done_blocks))
+                if capture:
+                    self._delete_unneeded(passed, st["blocks"], not need_backward or st["phase_done"])
+                now = time.perf_counter()
+                if now - last_note > 30:
+                    last_note = now
+                    blocks = st["blocks"]
+                    self.view.info(f"status: {len(self.done_blocks)}/{len(blocks) if blocks else '?'} blocks done, "
+                                   f"{len(running)} running, capture calls left {len(calls)}, "
+                                   f"store {self.store_bytes() / 2**30:.2f} GiB, {now - t0:.0f}s")
+        for w in workers:
+            ray.kill(w)
+        if capture:
+            self._delete_unneeded(passed | set(range(n_layers + 1)), st["blocks"], True)
+        self.blocks = st["blocks"]
+        self.sensitivity = st["sensitivity"]
+        return sorted(self.summaries, key=lambda x: x["block"])
+
+    def capture_stats_has_backward(self) -> bool:
+        return any("stats" in s for s in self.capture_stats)
