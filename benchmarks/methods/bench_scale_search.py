@@ -162,12 +162,13 @@ def main() -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = SEARCHES[method]([layer], [li], BlockCalib(ins_c, sens), st)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             row = {"layer": li, "config": label, "search_s": round(dt, 3),
+                   "process_cpu_s": round(time.process_time() - c0, 3),
                    "phases_s": res.metrics["layers"][str(li)].get("time_s") if method != "rtn" else None}
             if dev.type == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
