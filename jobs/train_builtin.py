@@ -255,6 +255,8 @@ def save_folder(model, folder: Path) -> None:
     """The model in fp16 plus the shipped processor files, copied verbatim."""
     import shutil
 
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg.dtype = torch.float16  # the stored dtype, whatever we computed in
     model.half().save_pretrained(folder)
     model.float()
     src = B.BUILTIN_DIR if (B.BUILTIN_DIR / "tokenizer.json").is_file() else Path(folder).parent / "processor"

@@ -258,31 +258,46 @@ def plant_outliers(model: nn.Module, channels, log2_k: int = 5) -> dict[str, Any
     k = float(2.0**log2_k)
     layers = model.model.language_model.layers
     spec = _as_site_channels(channels, len(layers))
+    # Collect one power-of-two factor per row / column / norm entry, then scale every tensor once:
+    # a weight touched by two sites (an up_proj row and column) keeps factor 1 and never rounds
+    # through an intermediate value, so planting is exact in fp16 too.
+    rows: dict[nn.Module, torch.Tensor] = {}
+    cols: dict[nn.Module, torch.Tensor] = {}
+    vecs: dict[nn.Module, torch.Tensor] = {}
+
+    def scale(store, mod, n, idx, f):
+        store.setdefault(mod, torch.ones(n, dtype=torch.float64))[idx] *= f
+
     for i, sites in spec.items():
         layer = layers[i]
-        dev = layer.input_layernorm.weight.device
+        attn, mlp = layer.self_attn, layer.mlp
         for site, ch in sites.items():
-            idx = torch.as_tensor(ch, dtype=torch.long, device=dev)
+            idx = torch.as_tensor(ch, dtype=torch.long)
             if site == "norm":
-                attn, mlp = layer.self_attn, layer.mlp
                 for norm, lins in (
                     (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
                     (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
                 ):
-                    norm.weight.data[idx] *= k
+                    scale(vecs, norm, norm.weight.shape[0], idx, k)
                     for lin in lins:
-                        lin.weight.data[:, idx] /= k
+                        scale(cols, lin, lin.in_features, idx, 1 / k)
             elif site == "up":
-                layer.mlp.up_proj.weight.data[idx, :] *= k
-                layer.mlp.down_proj.weight.data[:, idx] /= k
+                scale(rows, mlp.up_proj, mlp.up_proj.out_features, idx, k)
+                scale(cols, mlp.down_proj, mlp.down_proj.in_features, idx, 1 / k)
             elif site == "v":
-                v = layer.self_attn.v_proj
-                v.weight.data[idx, :] *= k
-                if v.bias is not None:
-                    v.bias.data[idx] *= k
-                layer.self_attn.o_proj.weight.data[:, _o_columns(layer.self_attn, idx)] /= k
+                scale(rows, attn.v_proj, attn.v_proj.out_features, idx, k)
+                scale(cols, attn.o_proj, attn.o_proj.in_features, _o_columns(attn, idx), 1 / k)
             else:
                 raise ValueError(f"unknown outlier site {site!r}; use one of {OUTLIER_SITES}")
+    for norm, f in vecs.items():
+        norm.weight.data.mul_(f.to(norm.weight.device, norm.weight.dtype))
+    for lin in set(rows) | set(cols):
+        r = rows.get(lin, torch.ones(lin.out_features, dtype=torch.float64))
+        c = cols.get(lin, torch.ones(lin.in_features, dtype=torch.float64))
+        w = lin.weight.data
+        lin.weight.data = (w.double() * (r[:, None] * c[None, :]).to(w.device)).to(w.dtype)
+        if lin.bias is not None and lin in rows:
+            lin.bias.data = (lin.bias.data.double() * r.to(w.device)).to(w.dtype)
     return {"log2_k": log2_k, "channels": {str(i): v for i, v in spec.items()}}
 
 
