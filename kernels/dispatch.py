@@ -7,7 +7,7 @@ import os
 import torch
 
 from .layout import MAGIC_BITS, PackedWeight
-from .tuning import GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config
+from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config
 
 _WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -76,14 +76,14 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     plan = pw.plan
     cfg = (cfg or gemv_config(pw.bits, m, n, pw.in_features)).rows_ok(128 // plan.values_per_row)
     per_channel = pw.group_size is None
-    r = cfg.R if per_channel else min(cfg.R, pw.group_rows)
+    r = cfg.R if per_channel else min(cfg.R, pw.group_rows)  # grouped: inside one group
     if pw.tile % cfg.BN:
         raise ValueError(f"GEMV BN={cfg.BN} must divide the layout tile {pw.tile}")
     bm = 1 if m == 1 else 2 if m == 2 else 4
     n_tiles, m_blocks = -(-n // cfg.BN), -(-m // bm)
     k = pw.in_features
     # iterate only over rows that hold real k (the padding is all zero codes)
-    iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size
+    iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size * (pw.group_rows // r)
     even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves)
     ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 else (out, out)
@@ -129,6 +129,29 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         EVICT=cfg.evict and not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, bk: int = 64) -> torch.Tensor:
+    """The 16-bit weight ``[out, in]`` (``(q - zero) * scale`` rounded once), by one kernel."""
+    from .gemm import dequant_kernel
+
+    n, k = pw.out_features, pw.in_features
+    w = torch.empty(n, k, dtype=dtype, device=pw.words.device)
+    plan = pw.plan
+    bk = max(bk, plan.values_per_row)
+    # per-channel weights dequantize through a one-group view: the scale applies per row anyway
+    gr = pw.rows if pw.group_size is None else pw.group_rows
+    dequant_kernel[(pw.n_pad // 64, pw.k_pad // bk)](
+        pw.words, pw.scale, pw.zero if pw.zero is not None else pw.scale, w, n, k, pw.rows, pw.scale.shape[1],
+        MAGIC_BITS, BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=False, GROUP_ROWS=gr, T=pw.tile, BN=64, BK=bk,
+        num_warps=4)
+    return w
+
+
+def gemm_dequant(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large M: dequantize once into a 16-bit scratch weight, then cuBLAS (compute-bound anyway)."""
+    x2, _, _, _ = _common(x, pw, bias, x.new_empty(0))
+    return torch.nn.functional.linear(x2, dequantize(pw, x.dtype), bias)
 
 
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,4 +206,6 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     """The dispatcher: GEMV for small M, tensor-core GEMM otherwise."""
     if x.shape[0] <= GEMV_MAX_M:
         return gemv(x, pw, bias)
+    if x.shape[0] >= DEQUANT_MIN_M:
+        return gemm_dequant(x, pw, bias)
     return gemm(x, pw, bias)

@@ -15,16 +15,12 @@ from .decode import decode_rows, load_rows, splitk_epilogue
 
 
 @triton.jit
-def _chunk(wp, xp, xmask, magic, BITS: tl.constexpr, OFFSET: tl.constexpr, T: tl.constexpr,
-           EVICT: tl.constexpr, EVEN: tl.constexpr, j4):
-    """Decode the rows at ``wp`` [1,R,BN,1] and load the matching x: ``(u [1,R,BN,V], x [BM,R,1,V])``."""
-    w0, w1, w2 = load_rows(wp, T, BITS, EVICT)
-    u = decode_rows(w0, w1, w2, j4, magic, BITS, OFFSET)
+def _load_x(xp, xmask, EVEN: tl.constexpr):
     if EVEN:
         xv = tl.load(xp)
     else:
         xv = tl.load(xp, mask=xmask, other=0.0)
-    return u, xv.to(tl.float32)[:, :, None, :]
+    return xv
 
 
 @triton.jit
@@ -35,15 +31,16 @@ def gemv_kernel(
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """One program: BN columns x one k-split. An iteration is one group (SUB chunks of R rows,
-    unrolled) for grouped weights, one chunk of R rows when per-channel. Products go into a
-    [BM, R, BN, V] FMA chain; the V-sum, zero and scale are applied once per group.
+    """One program: BN columns x one k-split; an iteration is R decode rows (one group when grouped).
+
+    Products go into a [BM, R, BN, V] FMA chain; the V-sum, zero and scale are applied once per
+    group. The next iteration's words, x, scale and zero are loaded before this one is computed
+    (register double-buffering): Triton does not pipeline loads that feed no ``tl.dot``, and a
+    GEMV that waits for each load runs at the latency, not the bandwidth, of memory.
     EVEN: every x element the program reads exists (no k or m masks)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
-    SUB: tl.constexpr = 1 if PER_CHANNEL else GROUP_ROWS // R
-    STEP: tl.constexpr = R * SUB  # rows per iteration
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -63,48 +60,61 @@ def gemv_kernel(
 
     it0 = pid_k * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
-    row0 = it0 * STEP
+    row0 = it0 * R
     wp = words_ptr + ((row0 + r_loc) * WPR)[None, :, None, None] * T + col[None, None, :, None]
     xp = x_ptr + m3 * stride_xm + row0 * V + kk0
     xmask = (m3 < M) & (row0 * V + kk0 < K)
-    if PER_CHANNEL:
-        # no group boundary to wait for: reduce each chunk at once (a [BM, R, BN, V] accumulator
-        # would cost V times the registers, which spills for b = 3)
-        y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
-        xs = tl.zeros([BM, R, 1], dtype=tl.float32)
-        for it in range(it0, it1):
-            u, x4 = _chunk(wp, xp, xmask, magic, BITS, OFFSET, T, EVICT, EVEN, j4)
+    sp = scale_ptr + sz_col + ((it0 * R) // GROUP_ROWS) * T  # R divides GROUP_ROWS
+    zp = zero_ptr + sz_col + ((it0 * R) // GROUP_ROWS) * T
+    # prologue: the first iteration's operands
+    w0n, w1n, w2n = load_rows(wp, T, BITS, EVICT)
+    xn = _load_x(xp, xmask, EVEN)
+    if not PER_CHANNEL:
+        sn = tl.load(sp)
+        if not SYM:
+            zn = tl.load(zp)
+    y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
+    xs = tl.zeros([BM, R, 1], dtype=tl.float32)
+    for it in range(it0, it1):
+        w0, w1, w2, xv = w0n, w1n, w2n, xn
+        if not PER_CHANNEL:
+            s = sn
+            if not SYM:
+                z = zn
+        # issue the next iteration's loads now (the last one re-reads this tile: harmless)
+        nxt = tl.minimum(it + 1, it1 - 1) - it
+        wp += nxt * (R * WPR * T)
+        xp += nxt * (R * V)
+        if PER_CHANNEL:
+            xmask = (m3 < M) & ((row0 + (it + nxt - it0) * R) * V + kk0 < K)
+        w0n, w1n, w2n = load_rows(wp, T, BITS, EVICT)
+        xn = _load_x(xp, xmask, EVEN)
+        if not PER_CHANNEL:
+            gstep = (((it + nxt) * R) // GROUP_ROWS - (it * R) // GROUP_ROWS) * T
+            sp += gstep
+            sn = tl.load(sp)
+            if not SYM:
+                zp += gstep
+                zn = tl.load(zp)
+
+        u = decode_rows(w0, w1, w2, j4, magic, BITS, OFFSET)  # [1, R, BN, V]
+        x4 = xv.to(tl.float32)[:, :, None, :]  # [BM, R, 1, V]
+        if PER_CHANNEL:
+            # no group boundary: reduce each chunk at once (a [BM, R, BN, V] accumulator would
+            # cost V times the registers, which spills for b = 3)
             y3 += tl.sum(x4 * u, axis=3)
             if not SYM:
                 xs += tl.sum(x4, axis=3)
-            wp += R * WPR * T
-            xp += R * V
-            xmask = (m3 < M) & ((row0 + (it + 1 - it0) * R) * V + kk0 < K)
+        else:
+            part = tl.sum(x4 * u, axis=3)  # [BM, R, BN]
+            if not SYM:
+                part -= tl.sum(x4, axis=3) * z.to(tl.float32)[None, None, :]
+            y3 += part * s.to(tl.float32)[None, None, :]
+    if PER_CHANNEL:
         if not SYM:
             y3 -= xs * tl.load(zero_ptr + sz_col).to(tl.float32)[None, None, :]
         y = tl.sum(y3, axis=1) * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
     else:
-        y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
-        sp = scale_ptr + sz_col + it0 * T
-        zp = zero_ptr + sz_col + it0 * T
-        for it in range(it0, it1):
-            u, x4 = _chunk(wp, xp, xmask, magic, BITS, OFFSET, T, EVICT, EVEN, j4)
-            acc = x4 * u
-            xs = x4
-            for sub in tl.static_range(1, SUB):
-                u, x4 = _chunk(wp + sub * (R * WPR * T), xp + sub * (R * V), xmask, magic,
-                               BITS, OFFSET, T, EVICT, EVEN, j4)
-                acc += x4 * u
-                if not SYM:
-                    xs += x4
-            part = tl.sum(acc, axis=3)  # [BM, R, BN]
-            if not SYM:
-                part -= tl.sum(xs, axis=3) * tl.load(zp).to(tl.float32)[None, None, :]
-            y3 += part * tl.load(sp).to(tl.float32)[None, None, :]
-            wp += STEP * WPR * T
-            xp += STEP * V
-            sp += T
-            zp += T
         y = tl.sum(y3, axis=1)  # [BM, BN]
     splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
                     pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 # GEMV (CUDA cores) serves M <= GEMV_MAX_M; above it the tensor-core kernel is faster because a
 # GEMV pays one FMA per weight per row of x.
 GEMV_MAX_M = 2
+# from this M on, dequantize once to 16 bits and let cuBLAS do the (compute-bound) product
+DEQUANT_MIN_M = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,14 @@ def w4a8_kernel(
         acc = tl.zeros([BN, BM], dtype=tl.int32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.int32)
+    # the packed words are double-buffered in registers (they feed the dot only after decoding)
+    w0n, w1n, w2n = load_rows(words_ptr + (it0 * RB + tl.arange(0, RB))[:, None, None] * T + col[None, :, None],
+                              T, BITS, EVICT)
     for it in range(it0, it1):
+        w0 = w0n
+        nxt = tl.minimum(it + 1, it1 - 1)
+        w0n, w1n, w2n = load_rows(words_ptr + (nxt * RB + tl.arange(0, RB))[:, None, None] * T + col[None, :, None],
+                                  T, BITS, EVICT)
         kk = it * BK + offs_k
         xmask = (offs_m[:, None] < M) & (kk[None, :] < K)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=xmask, other=0)
@@ -103,9 +110,6 @@ def w4a8_kernel(
             xq = _quant(xv.to(tl.float32), sx[:, None])
         else:
             xq = xv
-        rows = it * RB + tl.arange(0, RB)
-        wp = words_ptr + rows[:, None, None] * T + col[None, :, None]
-        w0, w1, w2 = load_rows(wp, T, BITS, EVICT)
         q = (((w0 >> (j3 * BITS)) & MASK) - OFF).to(tl.int8)  # [RB, BN, V]
         if TRANS:
             wq = tl.reshape(tl.permute(q, (1, 0, 2)), (BN, BK))

@@ -21,6 +21,10 @@ for s in $STAGES; do
       stamp sweep
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
         --m 1 16 2048 --bits 4 3 --reps 15 --out "$OUT/sweep" 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -60 ;;
+    sweepsmall)
+      stamp sweepsmall
+      timeout 150 python3 -m pipeline.evaluate.bench_kernels --sweep --shapes 3584x4608 18944x3584 3584x37888 \
+        --m 1 --bits 4 --reps 15 --out "$OUT/sweepsmall" 2>&1 | grep -v Warning | tee "$OUT/sweepsmall.log" | tail -30 ;;
     sweepsym)
       stamp sweepsym
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
@@ -41,4 +45,4 @@ for s in $STAGES; do
   esac
 done
 stamp done
-for f in "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done
+for f in "$OUT"/sweepsmall/kernels.md "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done

@@ -65,29 +65,33 @@ def add_args(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- cases
 
 
-def _sweep_variants(bits: int, m: int) -> list[tuple[str, dict]]:
+def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]:
     """Launch configs worth comparing for one M (kept small: each one is a compile)."""
     out: list[tuple[str, dict]] = []
     if m <= 4:
-        rs = [1, 2, 4] if bits == 3 else [4, 8, 16]
-        for bn, r, w, waves in [(128, rs[1], 4, 8), (128, rs[2], 4, 8), (256, rs[1], 8, 8), (128, rs[0], 4, 16),
-                                (256, rs[0], 4, 8), (128, rs[1], 4, 4)]:
+        rs = [4, 2, 1] if bits == 3 else [16, 8, 4]
+        grid = [(128, rs[0], 4, 8), (128, rs[0], 4, 4), (128, rs[1], 4, 8), (128, rs[0], 8, 8), (256, rs[0], 8, 8),
+                (256, rs[1], 4, 4), (128, rs[0], 4, 16), (128, rs[2], 4, 8)]
+        if k * n < 8192 * 28672:  # decode-size layers: mostly the split matters
+            grid = [(128, rs[0], 4, w) for w in (2, 4, 8, 16)] + [(128, rs[1], 4, 8), (256, rs[0], 8, 4)]
+        for bn, r, w, waves in grid:
             out.append((f"gemv BN{bn} R{r} w{w} x{waves}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": w,
                                                              "waves": waves}))
-    if m <= 64:
+    if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64
-        for bn, bk_, st, waves in [(128, bk, 3, 4), (64, bk, 3, 4), (128, 64, 4, 4), (128, bk, 2, 8), (128, bk, 3, 2)]:
-            out.append((f"tc-trans BM{bm} BN{bn} BK{bk_} s{st} x{waves}",
-                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk_, "num_warps": 4, "num_stages": st,
+        for bn, bk_, st, waves, w in [(64, bk, 3, 4, 4), (64, 64, 3, 4, 4), (128, bk, 3, 4, 4), (64, bk, 3, 8, 4),
+                                      (128, 64, 3, 4, 8)]:
+            out.append((f"tc-trans BM{bm} BN{bn} BK{bk_} w{w} s{st} x{waves}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk_, "num_warps": w, "num_stages": st,
                          "trans": True, "evict": True, "waves": waves}))
-    if m >= 64:
-        for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-                                  (64, 256, 64, 4, 3), (128, 256, 32, 8, 4), (256, 128, 64, 8, 3)]:
-            if bits == 3 and bk < 32:
-                continue
-            out.append((f"gemm BM{bm} BN{bn} BK{bk} w{w} s{st}",
-                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st}))
+    if m >= 256:
+        for bm, bn, bk, w, st, tr in [(256, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, False),
+                                      (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, True),
+                                      (128, 128, 64, 4, 4, True), (256, 128, 64, 8, 4, False)]:
+            out.append((f"gemm{' trans' if tr else ''} BM{bm} BN{bn} BK{bk} w{w} s{st}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st, "trans": tr}))
+        out.append(("dequant + cuBLAS", {"impl": "deqmm"}))
     return out
 
 
@@ -104,7 +108,7 @@ def build_cases(a) -> list[Case]:
             for bits in a.bits:
                 tag = f"W{bits} g{group or 'ch'}{' sym' if a.sym else ''}"
                 if a.sweep:
-                    for name, cfg in _sweep_variants(bits, m):
+                    for name, cfg in _sweep_variants(bits, m, k, n):
                         cases.append(Case(cfg["impl"], k, n, m, bits, group, a.sym, cfg, f"{tag} {name}"))
                 else:
                     cases.append(Case("ours", k, n, m, bits, group, a.sym, {}, f"ours {tag}"))
@@ -179,6 +183,8 @@ def make_fn(c: Case, device, seed: int = 0):
     if c.impl == "gemm":
         g = GemmConfig(**cfg)
         return (lambda i: dispatch.gemm(x, pws[i % len(pws)], cfg=g)), nb
+    if c.impl == "deqmm":
+        return (lambda i: dispatch.gemm_dequant(x, pws[i % len(pws)])), nb
     raise ValueError(c.impl)
 
 
@@ -229,11 +235,15 @@ def copy_bandwidth() -> float:
     if not torch.cuda.is_available():
         return 1e10
 
-    n = 1 << 29  # 512 MiB each way
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    us = time_graph(lambda i: b.copy_(a), calls=4, reps=10)
-    return 2 * n / (us * 1e-6)
+    best = 0.0
+    for dt, n in ((torch.float32, 1 << 28), (torch.uint8, 1 << 30)):  # 1 GiB each way
+        a = torch.empty(n, dtype=dt, device="cuda").uniform_() if dt.is_floating_point else \
+            torch.empty(n, dtype=dt, device="cuda").random_()
+        b = torch.empty_like(a)
+        us = time_graph(lambda i: b.copy_(a), calls=4, reps=10)
+        best = max(best, 2 * a.numel() * a.element_size() / (us * 1e-6))
+        del a, b
+    return best
 
 
 def _precompile(cases: list[Case], jobs: int) -> list[str]:

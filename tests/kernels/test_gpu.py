@@ -4,7 +4,7 @@ float64 reference and against each other, split-K reuse across launches, and CUD
 import pytest
 import torch
 
-from kernels.dispatch import gemm, gemv, matmul, w4a8
+from kernels.dispatch import gemm, gemm_dequant, gemv, matmul, w4a8
 from kernels.layout import pack
 from kernels.reference import linear_ref, w4a8_ref, weight_f64
 from kernels.tuning import GemmConfig, GemvConfig
@@ -34,6 +34,7 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
             outs["gemv-nosplit"] = gemv(x, pw, cfg=GemvConfig(split=1))
         outs["gemm"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                             cfg=GemmConfig(BM=64, BN=128, BK=64 if bits != 3 else 32))
+        outs["dequant+cublas"] = gemm_dequant(x, pw)
         outs["gemm-trans-split"] = gemm(x, pw, cfg=GemmConfig(BM=16, BN=128, BK=128 if bits != 3 else 64,
                                                               trans=True, split=4))
         for name, y in outs.items():

@@ -110,3 +110,14 @@ def test_checker_catches_one_wrong_code(gen, device):
     y = gemv(x, pack(bad, tile=32, device=device), cfg=GemvConfig(BN=32, R=4, split=1))
     with pytest.raises(AssertionError):
         assert_matches(y, ref, x, weight_f64(qw), torch.float16)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (3, 32, True), (2, None, False), (8, 64, False)])
+def test_dequantize_bit_exact(bits, group, sym, gen, device):
+    """The large-M path's 16-bit weight equals the reference weight rounded once to fp16."""
+    from kernels.dispatch import dequantize
+
+    k = _k(group, bits)
+    qw = random_qweight(45, k, bits, group, sym, torch.float16, gen)
+    w = dequantize(pack(qw, tile=64, device=device))
+    assert torch.equal(w.cpu(), weight_f64(qw).half())
