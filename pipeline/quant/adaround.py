@@ -59,24 +59,29 @@ class LearnedRounding(torch.nn.Module):
         s = scale.float().unsqueeze(-1)
         wg = _grouped(weight.detach().float(), scheme) / s
         base = torch.floor(wg)
-        self.register_buffer("base", base)  # floor(W / scale), grouped [out, ng, g]
+        zf = torch.zeros_like(s) if zero is None else zero.float().unsqueeze(-1)
+        self.v = torch.nn.Parameter(inverse_rectified_sigmoid(wg - base))
+        del wg
+        # floor(W / scale) + zero, grouped [out, ng, g]; int16 holds it (|W / scale| is <= 2^b + 1)
+        self.register_buffer("base", (base + zf).clamp(-(2**15), 2**15 - 1).to(torch.int16))
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("scale_f", s)
-        self.register_buffer("zero_f", torch.zeros_like(s) if zero is None else zero.float().unsqueeze(-1))
+        self.register_buffer("zero_f", zf)
         self.zero = None if zero is None else zero.detach().clone()
-        self.v = torch.nn.Parameter(inverse_rectified_sigmoid(wg - base))
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def soft_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        q = (self.base + self.h() + self.zero_f).clamp(self.scheme.qmin, self.scheme.qmax)
-        return ((q - self.zero_f) * self.scale_f).reshape(self.shape).to(dtype or self.out_dtype)
+        """``scale * (clamp(base + h(V), qmin, qmax) - zero)`` in ``dtype``; saves only V for backward."""
+        w = _SoftWeight.apply(self.v, self.base, self.scale_f, self.zero_f, self.scheme.qmin, self.scheme.qmax,
+                              dtype or self.out_dtype)
+        return w.reshape(self.shape)
 
     @torch.no_grad()
     def hard_codes(self) -> torch.Tensor:
         """Integer codes (int16, the quantizer's domain): floor + (h >= 0.5), plus zero, clamped."""
-        q = (self.base + (self.h() >= 0.5).float() + self.zero_f).clamp(self.scheme.qmin, self.scheme.qmax)
+        q = (self.base.float() + (self.h() >= 0.5).float()).clamp(self.scheme.qmin, self.scheme.qmax)
         return q.reshape(self.shape).to(torch.int16)
 
     @torch.no_grad()
@@ -92,6 +97,28 @@ class LearnedRounding(torch.nn.Module):
         """Mean |h - round(h)|: 0 when every h is already 0 or 1."""
         h = self.h()
         return float((h - (h >= 0.5).float()).abs().mean())
+
+
+class _SoftWeight(torch.autograd.Function):
+    """The soft weight and its gradient w.r.t. V without keeping fp32 intermediates alive: the
+    backward recomputes h from V (memory per weight: V, base int16, the output in the model dtype)."""
+
+    @staticmethod
+    def forward(ctx, v, base, scale, zero, qmin, qmax, dtype):  # noqa: D102
+        q = (base.float() + rectified_sigmoid(v)).clamp_(qmin, qmax)
+        ctx.save_for_backward(v, base, scale)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        return ((q - zero) * scale).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        v, base, scale = ctx.saved_tensors
+        sig = torch.sigmoid(v)
+        raw = sig * (ZETA - GAMMA) + GAMMA
+        q = base.float() + raw.clamp(0.0, 1.0)
+        live = (raw > 0) & (raw < 1) & (q >= ctx.qmin) & (q <= ctx.qmax)
+        gv = grad.float() * scale * (ZETA - GAMMA) * sig * (1 - sig) * live
+        return gv, None, None, None, None, None, None
 
 
 def ste_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:

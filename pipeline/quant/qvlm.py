@@ -178,14 +178,14 @@ def _prepare(layers: Sequence[nn.Module], samples: Sequence[Sample], vision_rati
     return items
 
 
-def _weights_of(roundings: Mapping[str, LearnedRounding], fixed: Sequence[Mapping[str, torch.Tensor]],
-                layer_ids: Sequence[int], mode: str) -> list[dict[str, torch.Tensor]]:
+def _params_of(weights: Mapping[str, torch.Tensor], fixed: Sequence[Mapping[str, torch.Tensor]],
+               layer_ids: Sequence[int]) -> list[dict[str, torch.Tensor]]:
     """Per-layer parameter overrides: fixed tensors (folded norms) + the Linears' weights."""
     out = [dict(f) for f in fixed]
     pos = {idx: j for j, idx in enumerate(layer_ids)}
-    for name, r in roundings.items():
+    for name, w in weights.items():
         idx, rel = name.split(".", 1)
-        out[pos[int(idx)]][f"{rel}.weight"] = r.soft_weight() if mode == "soft" else r.hard_weight()
+        out[pos[int(idx)]][f"{rel}.weight"] = w
     return out
 
 
@@ -245,12 +245,11 @@ def reconstruct_block(
                                               None if qw.zero is None else qw.zero.to(device), qw.scheme).to(device)
 
         def fixed_params(codes: Mapping[str, QuantizedWeight]) -> list[dict[str, torch.Tensor]]:
-            out = [dict(f) for f in fixed_per_layer]
+            deq = {}
             for name, qw in codes.items():
                 idx, rel = name.split(".", 1)
-                j = pos[int(idx)]
-                out[j][f"{rel}.weight"] = qw.dequantize(layers[j].get_parameter(f"{rel}.weight").dtype).to(device)
-            return out
+                deq[name] = qw.dequantize(layers[pos[int(idx)]].get_parameter(f"{rel}.weight").dtype).to(device)
+            return _params_of(deq, fixed_per_layer, layer_ids)
 
         err_start, mse_start = _block_error(layers, items, fixed_params(start), opts.recon_loss, device)
         extra = {k: _block_error(layers, items, fixed_params(v), opts.recon_loss, device) for k, v in (compare or {}).items()}
@@ -273,17 +272,26 @@ def reconstruct_block(
             opt.zero_grad(set_to_none=True)
             rec = 0.0
             if den > 0:
+                # Soft weights once per step, as detached leaves: every sample's backward stops at
+                # them (accumulating dL/dW_soft), then one backward carries the sum into V.
+                soft = {n: r.soft_weight() for n, r in roundings.items()}
+                leaves = {n: w.detach().requires_grad_(True) for n, w in soft.items()}
+                params = _params_of(leaves, fixed_per_layer, layer_ids)
                 for b in batch:
-                    y = run_block(layers, b.x.to(device), b.kwargs, _weights_of(roundings, fixed_per_layer, layer_ids, "soft"))
+                    y = run_block(layers, b.x.to(device), b.kwargs, params)
                     loss = error_terms(y.float() - b.target.to(device).float(), b.weights, opts.recon_loss) / (den * ref)
                     loss.backward()
                     rec += float(loss.detach())
+                names = [n for n in soft if leaves[n].grad is not None]
+                torch.autograd.backward([soft[n] for n in names], [leaves[n].grad for n in names])
+                del soft, leaves, params
             beta = beta_schedule(it, opts.iters, opts.warmup, opts.beta_start, opts.beta_end)
             reg = 0.0
             if beta is not None and opts.round_lambda > 0:
-                r = sum(rounding_regularizer(m.h(), beta) * (m.v.numel() / n_weights) for m in roundings.values())
-                (opts.round_lambda * r).backward()
-                reg = float(r.detach())
+                for m in roundings.values():  # one Linear at a time: its temporaries only
+                    r = rounding_regularizer(m.h(), beta) * (m.v.numel() / n_weights)
+                    (opts.round_lambda * r).backward()
+                    reg += float(r.detach())
             opt.step()
             if it % log_every == 0 or it == opts.iters - 1:
                 curve.append({"iter": it, "rec": rec, "reg": reg, "beta": -1.0 if beta is None else beta})

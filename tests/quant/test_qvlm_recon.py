@@ -138,6 +138,27 @@ def test_learned_rounding_starts_at_the_fp_weight_and_rtn_codes():
     assert (r.hard_codes() == rtn).float().mean() > 0.999  # differs only at exact .5 ties
 
 
+def test_soft_weight_gradient_matches_autograd_of_the_formula():
+    """The memory-lean custom backward equals autograd through the plain formula (incl. clamps)."""
+    w = torch.randn(8, 64) * 0.1
+    w[0, :4] = torch.tensor([0.5, -0.5, 0.49, -0.49])  # extremes: codes at the clamp edges
+    scheme = QuantScheme(3, 32)
+    scale, zero = compute_qparams(w, scheme, torch.float16)
+    r = LearnedRounding(w, scale, zero, scheme)
+    with torch.no_grad():
+        r.v.add_(torch.randn(r.v.shape) * 2)  # spread h over (0, 1) and both flat ends
+    g = torch.randn(8, 64)
+    (r.soft_weight() * g).sum().backward()
+    v = r.v.detach().clone().requires_grad_(True)
+    base = torch.floor(w.reshape(8, 2, 32) / scale.float()[..., None])
+    q = (base + rectified_sigmoid(v) + zero.float()[..., None]).clamp(0, 7)
+    ref = ((q - zero.float()[..., None]) * scale.float()[..., None]).reshape(8, 64)
+    torch.testing.assert_close(r.soft_weight().detach(), ref.detach(), rtol=0, atol=1e-7)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(r.v.grad, v.grad, rtol=1e-5, atol=1e-7)
+    assert (v.grad == 0).any() and (v.grad != 0).any()
+
+
 def test_ste_activation_quant_forward_and_gradient():
     x = torch.randn(5, 16, requires_grad=True)
     y = ste_quantize_activations(x, 4)
