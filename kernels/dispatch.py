@@ -178,8 +178,23 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
 
     if not pw.symmetric or pw.group_size is not None or pw.bits not in (2, 4, 8):
         raise ValueError("W4A8 needs symmetric per-channel 2/4/8-bit weights")
-    x, out, _, b = _common(x, pw, bias, out)
     m, n, k = x.shape[0], pw.out_features, pw.in_features
+    if cfg is None and fuse is None and out is None:
+        from . import autotune
+
+        if autotune.enabled(x):
+            key = ("w4a8", pw.bits, x.dtype, autotune.m_bucket(m), n, k, x.device.index)
+            bm = 16 if m <= 16 else 64 if m <= 64 else 128
+            cands = [(f"{'fused ' if f else ''}BM{bm} BN{bn}{' trans' if tr else ''}",
+                      (lambda f, c: lambda x_, pw_, b_: w4a8(x_, pw_, b_, cfg=c, fuse=f))(
+                          f, GemmConfig(BM=bm, BN=bn, BK=128 if m <= 64 else 64, num_warps=4 if m <= 64 else 8,
+                                        trans=tr, evict=m <= 64, waves=4)))
+                     for f in ((True, False) if m <= 16 else (False,))
+                     for bn, tr in (((64, True), (128, True)) if m <= 64 else ((128, False), (128, True)))]
+            fn = autotune.pick(key, cands, (x, pw, bias))
+            if fn is not None:
+                return fn(x, pw, bias)
+    x, out, _, b = _common(x, pw, bias, out)
     cfg = cfg or gemm_config(pw.bits, m, n, k)
     fuse = m <= 16 if fuse is None else fuse
     if fuse:
@@ -202,9 +217,53 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
+def _candidates(bits: int, m: int) -> list[tuple[str, object]]:
+    """What the autotuner tries for one M (each entry ``fn(x, pw, bias)``); small on purpose."""
+    c: list[tuple[str, object]] = []
+
+    def gv(**kw):
+        cfg = GemvConfig(**kw)
+        return lambda x, pw, b: gemv(x, pw, b, cfg=cfg)
+
+    def gm(**kw):
+        cfg = GemmConfig(**kw)
+        return lambda x, pw, b: gemm(x, pw, b, cfg=cfg)
+
+    if m <= 4:
+        rs = (4, 2) if bits == 3 else (16, 8)
+        c += [(f"gemv BN128 R{rs[0]} x8", gv(BN=128, R=rs[0], waves=8)),
+              (f"gemv BN128 R{rs[0]} x4", gv(BN=128, R=rs[0], waves=4)),
+              (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8)),
+              (f"gemv BN256 R{rs[0]} w8 x8", gv(BN=256, R=rs[0], num_warps=8, waves=8)),
+              (f"gemv BN128 R{rs[0]} x16", gv(BN=128, R=rs[0], waves=16))]
+    if 2 <= m <= 64:
+        bm = 16 if m <= 16 else 64
+        bk = 64 if bits == 3 else 128
+        c += [(f"tc BM{bm} BN64 BK{bk} x4", gm(BM=bm, BN=64, BK=bk, trans=True, evict=True, waves=4)),
+              (f"tc BM{bm} BN128 BK{bk} x4", gm(BM=bm, BN=128, BK=bk, trans=True, evict=True, waves=4)),
+              (f"tc BM{bm} BN64 BK64 x8", gm(BM=bm, BN=64, BK=64, trans=True, evict=True, waves=8))]
+    if m > 64:
+        c += [("gemm BM128 BN128 BK64 w8", gm(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
+              ("gemm BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)),
+              ("gemm trans BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, trans=True)),
+              ("dequant + cuBLAS", lambda x, pw, b: gemm_dequant(x, pw, b))]
+    return c
+
+
 def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The dispatcher: GEMV for small M, tensor-core GEMM otherwise."""
-    if x.shape[0] <= GEMV_MAX_M:
+    """The dispatcher. On CUDA the first call of each (scheme, M bucket, N, K) times a few
+    candidate paths and configs (``kernels.autotune``) and keeps the fastest; elsewhere, or with
+    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, else the tensor-core GEMM."""
+    from . import autotune
+
+    m = x.shape[0]
+    if autotune.enabled(x):
+        key = ("a16", pw.bits, pw.group_size, pw.symmetric, x.dtype, autotune.m_bucket(m), pw.out_features,
+               pw.in_features, x.device.index)
+        fn = autotune.pick(key, _candidates(pw.bits, m), (x, pw, bias))
+        if fn is not None:
+            return fn(x, pw, bias)
+    if m <= GEMV_MAX_M:
         return gemv(x, pw, bias)
     if x.shape[0] >= DEQUANT_MIN_M:
         return gemm_dequant(x, pw, bias)

@@ -16,7 +16,7 @@ for s in $STAGES; do
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
     tests)
       stamp tests
-      timeout 120 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
+      timeout 100 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
     sweep)
       stamp sweep
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
@@ -31,14 +31,14 @@ for s in $STAGES; do
         --m 1 --bits 4 --sym --reps 15 --out "$OUT/sweepsym" 2>&1 | grep -v Warning | tee "$OUT/sweepsym.log" | tail -20 ;;
     bench)
       stamp bench
-      timeout 400 python3 -m pipeline.evaluate.bench_kernels --w4a8 --reps 15 --out "$OUT/bench" 2>&1 \
+      timeout 300 python3 -m pipeline.evaluate.bench_kernels --w4a8 --reps 15 --out "$OUT/bench" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.log" | tail -5 ;;
     decode)
       stamp decode
-      timeout 170 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
+      timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
     ncu)
       stamp ncu
-      timeout 200 ncu --clock-control none -k regex:gemv_kernel -c 1 --section SpeedOfLight --section Occupancy \
+      VLMQ_AUTOTUNE=0 timeout 75 ncu --clock-control none -k regex:gemv_kernel -c 1 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section MemoryWorkloadAnalysis python3 -m pipeline.evaluate.bench_kernels \
         --no-baselines --shapes 8192x28672 --m 1 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu 2>&1 \
         | grep -v Warning | tail -60 | tee "$OUT/ncu.log" ;;

@@ -65,3 +65,18 @@ def test_buffers_follow_the_module(gen):
     names = {n for n, _ in lin.named_buffers()}
     assert names == {"words", "scale", "zero", "bias"}
     assert "w4a16" in repr(lin)
+
+
+def test_autotune_picks_fastest_and_caches():
+    from kernels import autotune
+
+    calls = []
+    cands = [("slow", lambda a: calls.append("slow")), ("fast", lambda a: calls.append("fast"))]
+    timer = lambda cs, args: [("slow", 2.0), ("fast", 1.0)]  # noqa: E731
+    key = ("test", 1)
+    fn = autotune.pick(key, cands, (0,), timer=timer)
+    fn(0)
+    assert calls == ["fast"] and autotune.last() == "fast"
+    again = autotune.pick(key, [("other", None)], (0,), timer=lambda cs, a: [("other", 0.1)])
+    assert again is fn  # cached: the second list is not timed
+    assert autotune.pick(("test", 2), cands, (0,), timer=lambda cs, a: []) is None
