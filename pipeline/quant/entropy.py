@@ -248,6 +248,15 @@ class EntropyProfile:
             self.accs[i - 1].update_pair(pending[1], codes)
         self._pending = (i, codes)
 
+    @classmethod
+    def from_accumulators(cls, accs: list[EntropyAccumulator]) -> EntropyProfile:
+        """A profile from per-layer accumulators (e.g. the wavefront's ``acc[i].update(h_in, h_out)``,
+        merged over sample groups)."""
+        out = cls.__new__(cls)
+        out.accs = list(accs)
+        out._pending = None
+        return out
+
     def end_sample(self) -> None:
         self._pending = None
 

@@ -234,3 +234,50 @@ def test_plot_partition_draws_boundaries():
     vertical = [ln for ln in ax.lines if len(set(ln.get_xdata())) == 1]
     assert sorted(ln.get_xdata()[0] for ln in vertical) == [0.5, 1.5, 2.5, 4.5]
     assert list(ax.lines[-2].get_ydata()) == SCORES  # the score curve, then tau
+
+
+def test_wavefront_and_hook_feeding_count_the_same():
+    """Two ways the capture pass can feed the profile, on a tiny LLaVA: (a) the layer-major
+    wavefront replays layer i on its input stream and calls ``acc[i].update(h_in, h_out)``;
+    (b) a forward pre-hook on every layer of a whole-model forward calls ``profile.observe(i, h)``.
+    Both count exactly the same histograms (replay is exact, pairing uses the same tokens)."""
+    from pipeline.models.families import LLAVA
+    from pipeline.models.layer_io import capture_layer_io
+    from pipeline.models.tiny import build_tiny_model
+    from pipeline.quant.types import layer_forward
+
+    model, _ = build_tiny_model("llava", seed=0)
+    layers = model.get_submodule(LLAVA.layers_path)
+    n = len(layers)
+    g = torch.Generator().manual_seed(0)
+    prof = EntropyProfile(n, max_tokens=24)
+    wave = [EntropyAccumulator(max_tokens=24) for _ in range(n)]
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(10, 300, (1, 40), generator=g)
+        ids[0, 2:18] = model.config.image_token_id
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "pixel_values": torch.randn(1, 3, 28, 28, generator=g)})
+    handles = [layer.register_forward_pre_hook(
+        lambda _m, args, kwargs, i=i: prof.observe(i, (args[0] if args else kwargs["hidden_states"])[0]),
+        with_kwargs=True) for i, layer in enumerate(layers)]
+    try:  # (b): counted by the hooks during whole-model forwards
+        for inputs in batches:
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
+            prof.end_sample()
+    finally:
+        for hd in handles:
+            hd.remove()
+    for inputs in batches:  # (a): the wavefront, from layer 0's input and kwargs only
+        ins, _, kw = capture_layer_io(model, layers, inputs)
+        h = ins[0][0]
+        with torch.no_grad():
+            for i in range(n):
+                out = layer_forward(layers[i], h, kw) if i + 1 < n else None
+                wave[i].update(h, out)
+                h = out
+    merged = EntropyProfile.from_accumulators(wave)
+    for a, b in zip(prof.accs, merged.accs):
+        assert torch.equal(a.hist, b.hist) and torch.equal(a.joint, b.joint)
+    assert all(math.isfinite(d) and d > 0 for d in prof.dependencies())
