@@ -93,7 +93,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
         GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
         HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
 
@@ -231,11 +231,14 @@ def _candidates(bits: int, m: int) -> list[tuple[str, object]]:
 
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
-        c += [(f"gemv BN128 R{rs[0]} x8", gv(BN=128, R=rs[0], waves=8)),
-              (f"gemv BN128 R{rs[0]} x4", gv(BN=128, R=rs[0], waves=4)),
-              (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8)),
-              (f"gemv BN256 R{rs[0]} w8 x8", gv(BN=256, R=rs[0], num_warps=8, waves=8)),
-              (f"gemv BN128 R{rs[0]} x16", gv(BN=128, R=rs[0], waves=16))]
+        mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway
+        c += [(f"gemv BN128 R{rs[0]} x8{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=8, maxnreg=mr)),
+              (f"gemv BN128 R{rs[0]} x4{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=4, maxnreg=mr)),
+              (f"gemv BN128 R{rs[0]} x16{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=16, maxnreg=mr)),
+              (f"gemv BN128 R{rs[0]} x2{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=2, maxnreg=mr)),
+              (f"gemv BN64 R{rs[0]} x4{' r128' if mr else ''}", gv(BN=64, R=rs[0], waves=4, maxnreg=mr)),
+              (f"gemv BN128 R{rs[0]} x8", gv(BN=128, R=rs[0], waves=8)),
+              (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

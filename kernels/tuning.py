@@ -24,6 +24,7 @@ class GemvConfig:
     split: int | None = None  # k-splits; None: from the SM count
     evict: bool = True
     waves: float = 8.0  # target programs per SM when choosing split
+    maxnreg: int | None = None  # register cap: W4 R16 fits 128 without spills (4 programs/SM, not 3)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""
@@ -52,7 +53,7 @@ def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:
     W4 R16 59 µs < R8 60 < R4 67; W3 R4 52 < R2 53; BN=256 slower (fewer programs per SM)."""
     if bits == 3:
         return GemvConfig(BN=128, R=4, num_warps=4)
-    return GemvConfig(BN=128, R=16, num_warps=4)
+    return GemvConfig(BN=128, R=16, num_warps=4, maxnreg=128)
 
 
 def gemm_config(bits: int, m: int, n: int, k: int) -> GemmConfig:
