@@ -124,8 +124,7 @@ def resolve_checkpoint(spec: str, fp_model: str | None = None) -> CheckpointRef:
                         "pass folders written by `vlmq quantize`, plain model folders, or 'builtin'")
     folder = folder.resolve()
     config = _read_json(folder / "config.json")
-    quantized = (folder / "vlmq.json").is_file() or bool((config or {}).get("quantization_config"))
-    if not quantized:
+    if folder_kind(str(folder)) == "fp":
         return CheckpointRef(spec, folder.name, str(folder), "fp", fingerprint(folder),
                              weight_bytes=weight_bytes(folder), reference=str(folder))
     r = _recipe_of(folder, config)
@@ -148,6 +147,13 @@ def _builtin_ref() -> str:
 
 
 BUILTIN_REF = "<builtin>"
+
+
+def folder_kind(path: str) -> str:
+    """``quantized`` for a folder written by ``vlmq quantize`` (or any compressed-tensors one), else ``fp``."""
+    folder = Path(path)
+    config = _read_json(folder / "config.json") or {}
+    return "quantized" if (folder / "vlmq.json").is_file() or config.get("quantization_config") else "fp"
 
 
 def reference_path(ref: CheckpointRef) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .base import RunContext, Task
-from .checkpoints import CheckpointRef, ModelCache, reference_path
+from .checkpoints import CheckpointRef, ModelCache, folder_kind, reference_path
 
 ITEMS_DIR = "items"
 
@@ -94,10 +94,10 @@ def run_item(item: WorkItem, cache: ModelCache, device: torch.device | None = No
         ref = reference_path(item.ckpt)
         if ref is None:
             raise ReferenceUnavailable(f"no fp model known for {item.ckpt.spec}: pass --fp-model PATH (or 'builtin')")
-        if ref == item.ckpt.path and not item.ckpt.quantized:
+        if ref == item.ckpt.path:
             return model, processor
         try:
-            return cache.get(ref, "fp", "fake", device)
+            return cache.get(ref, folder_kind(ref), "fake", device)
         except Exception as e:
             raise ReferenceUnavailable(f"cannot load the fp model {ref}: {_message(e)}") from None
 
