@@ -45,7 +45,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     p.add_argument("job", nargs="?", help="optional job YAML; flags override its values")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=S, help="model folder (config.json + safetensors), 'builtin', or 'synthetic:NAME'")
+    g.add_argument("--model", default=S, help="model folder (config.json + safetensors), 'builtin', 'builtin-outlier' (the built-in model with planted outlier channels, fp-identical), or 'synthetic:NAME' (real shapes, generated weights)")
     g.add_argument("--calib", dest="calib.source", default=S, help="calibration source (default: builtin)")
     g.add_argument("--num-samples", dest="calib.num_samples", type=int, default=S, help="calibration samples (default 128)")
     g.add_argument("--holdout", dest="calib.holdout", type=int, default=S, help="held-out samples for fidelity (default 8)")

@@ -12,7 +12,8 @@ TINY_FALLBACK_FAMILY = "llava"
 
 
 def resolve_model(model: str, work_dir: Path) -> str:
-    """``builtin`` -> the shipped trained model (or, until it exists, a tiny random LLaVA
+    """``builtin`` -> the shipped trained model (``builtin-outlier``: its exactly rescaled variant
+    with planted outlier channels) (or, until it exists, a tiny random LLaVA
     generated deterministically into the cache); ``synthetic:NAME`` -> a weightless model
     folder in the cache; paths are made absolute."""
     if model.startswith("synthetic:"):
@@ -20,6 +21,10 @@ def resolve_model(model: str, work_dir: Path) -> str:
 
         name = model.split(":", 1)[1]
         return str(_atomic_dir(cache_dir() / f"synthetic-{name}", lambda d: materialize_synthetic(name, d)))
+    if model == "builtin-outlier":
+        from ..models.builtin import builtin_outlier_dir
+
+        return str(Path(builtin_outlier_dir()).resolve())
     if model == "builtin":
         from ..models.builtin import BUILTIN_DIR, builtin_available
 

@@ -76,6 +76,12 @@ class QuantizedWeight:
         return dequantize(self.qweight, self.scale, self.zero, self.scheme, dtype or self.scale.dtype)
 
 
+def _div(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x / d`` correctly rounded on every device: CUDA turns division by a Python scalar into a
+    multiply by its reciprocal (1 ulp off the CPU); a 0-dim tensor divisor keeps true division."""
+    return x / torch.tensor(float(d), dtype=x.dtype, device=x.device)
+
+
 def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     out_f, in_f = w.shape
     g = scheme.group_len(in_f)
@@ -90,12 +96,12 @@ def compute_qparams(
     wg = _grouped(w.detach().float(), scheme)
     if scheme.symmetric:
         absmax = wg.abs().amax(dim=-1)
-        scale = (absmax / scheme.qmax).clamp(min=_SCALE_FLOOR)
+        scale = _div(absmax, scheme.qmax).clamp(min=_SCALE_FLOOR)
         scale = _round_scale(scale, scale_dtype)
         return scale, None
     wmax = wg.amax(dim=-1).clamp(min=0)
     wmin = wg.amin(dim=-1).clamp(max=0)
-    scale = ((wmax - wmin) / scheme.qmax).clamp(min=_SCALE_FLOOR)
+    scale = _div(wmax - wmin, scheme.qmax).clamp(min=_SCALE_FLOOR)
     scale = _round_scale(scale, scale_dtype)
     zero = torch.round(-wmin / scale.float()).clamp(0, scheme.qmax).to(torch.int16)
     return scale, zero
@@ -151,6 +157,6 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Dynamic per-token symmetric quantization (W4A8 / W8A8 activations): ``s = absmax / qmax``."""
     qmax = 2 ** (bits - 1) - 1
-    s = (x.detach().abs().amax(dim=-1, keepdim=True).float() / qmax).clamp(min=_SCALE_FLOOR)
+    s = _div(x.detach().abs().amax(dim=-1, keepdim=True).float(), qmax).clamp(min=_SCALE_FLOOR)
     q = torch.round(x.float() / s).clamp(-qmax - 1, qmax)
     return (q * s).to(x.dtype)
