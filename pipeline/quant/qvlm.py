@@ -255,9 +255,9 @@ def reconstruct_block(
         extra = {k: _block_error(layers, items, fixed_params(v), opts.recon_loss, device) for k, v in (compare or {}).items()}
         ref = err_start if err_start > 0 else 1.0
 
-        params = [r.v for r in roundings.values()]
-        n_weights = sum(p.numel() for p in params)
-        opt = torch.optim.Adam(params, lr=opts.lr)
+        vs = [r.v for r in roundings.values()]
+        n_weights = sum(v.numel() for v in vs)
+        opt = torch.optim.Adam(vs, lr=opts.lr)
         gen = torch.Generator().manual_seed(opts.seed)
         order: list[int] = []
         curve: list[dict[str, float]] = []
@@ -276,15 +276,15 @@ def reconstruct_block(
                 # them (accumulating dL/dW_soft), then one backward carries the sum into V.
                 soft = {n: r.soft_weight() for n, r in roundings.items()}
                 leaves = {n: w.detach().requires_grad_(True) for n, w in soft.items()}
-                params = _params_of(leaves, fixed_per_layer, layer_ids)
+                overrides = _params_of(leaves, fixed_per_layer, layer_ids)
                 for b in batch:
-                    y = run_block(layers, b.x.to(device), b.kwargs, params)
+                    y = run_block(layers, b.x.to(device), b.kwargs, overrides)
                     loss = error_terms(y.float() - b.target.to(device).float(), b.weights, opts.recon_loss) / (den * ref)
                     loss.backward()
                     rec += float(loss.detach())
                 names = [n for n in soft if leaves[n].grad is not None]
                 torch.autograd.backward([soft[n] for n in names], [leaves[n].grad for n in names])
-                del soft, leaves, params
+                del soft, leaves, overrides
             beta = beta_schedule(it, opts.iters, opts.warmup, opts.beta_start, opts.beta_end)
             reg = 0.0
             if beta is not None and opts.round_lambda > 0:
@@ -316,11 +316,9 @@ def reconstruct_block(
         "flipped_fraction": flipped / max(n_weights, 1), "soft_hard_gap": gap,
         "loss_curve": curve, "fell_back": bool(fell_back), "seconds": time.perf_counter() - t0,
     }
-    if fell_back:
-        quantized = {n: QuantizedWeight(q.qweight.clone(), q.scale, q.zero, q.scheme) for n, q in start.items()}
-    else:
-        quantized = {n: QuantizedWeight(q.qweight.cpu(), q.scale.cpu(), None if q.zero is None else q.zero.cpu(),
-                                        q.scheme) for n, q in quantized.items()}
+    chosen = start if fell_back else quantized
+    quantized = {n: QuantizedWeight(q.qweight.detach().clone().cpu(), q.scale.cpu(),
+                                    None if q.zero is None else q.zero.cpu(), q.scheme) for n, q in chosen.items()}
     return quantized, metrics
 
 
