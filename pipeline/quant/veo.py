@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from .entropy import soft_entropy
 
-_META_KEYS = ("labels", "vision_mask", "answer_mask")
+_META_KEYS = ("labels", "vision_mask", "answer_mask", "fp_logprobs")
 
 
 @dataclass
@@ -64,6 +64,11 @@ def answer_kl(fp_logp: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (fp_logp.exp() * (fp_logp - q_logp)).sum(-1).mean()
 
 
+def answer_positions(inp: Mapping[str, Any]) -> torch.Tensor:
+    """``[T]`` bool: the positions whose logits predict an answer token (for ``fp_logprobs``)."""
+    return _split(inp)[1]
+
+
 def _split(inp: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Model inputs, the answer-prediction positions ``[T]`` and the vision mask ``[T]``."""
     model_in = {k: v for k, v in inp.items() if k not in _META_KEYS}
@@ -91,7 +96,7 @@ class _Layer0Input:
 
 
 def optimize_projector(
-    fp_model: nn.Module,
+    fp_model: nn.Module | None,
     q_model: nn.Module,
     inputs: Sequence[Mapping[str, Any]],
     projector_path: str,
@@ -102,8 +107,10 @@ def optimize_projector(
 
     Each input is a batch-1 dict of model inputs (``input_ids``, ``pixel_values``, ...) plus
     ``labels`` ``[1, T]`` (-100 outside the answer; or ``answer_mask``) and ``vision_mask`` ``[T]``,
-    already on the models' device. Returns (full name -> new tensor in the parameter's dtype,
-    log with per-step terms and the objective over all inputs before/after).
+    already on the models' device. ``fp_model=None``: each input carries ``fp_logprobs``
+    ``[N, V]`` instead, the fp model's log-probs at the answer-predicting positions (so only the
+    quantized model needs to be resident). Returns (full name -> new tensor in the parameter's
+    dtype, log with per-step terms and the objective over all inputs before/after).
     """
     t0 = time.perf_counter()
     opts = VEOOptions.from_mapping(options)
@@ -116,8 +123,13 @@ def optimize_projector(
     with torch.no_grad():
         for inp in inputs:
             model_in, pred, vis = _split(inp)
-            logits = fp_model(**model_in, use_cache=False).logits[0]
-            prepared.append((model_in, pred, vis, torch.log_softmax(logits[pred].float(), dim=-1)))
+            if fp_model is None:
+                fp_logp = inp["fp_logprobs"].float()
+            else:
+                fp_logp = torch.log_softmax(fp_model(**model_in, use_cache=False).logits[0][pred].float(), dim=-1)
+            if fp_logp.shape[0] != int(pred.sum()):
+                raise ValueError(f"fp_logprobs has {fp_logp.shape[0]} rows for {int(pred.sum())} answer positions")
+            prepared.append((model_in, pred, vis, fp_logp))
 
     saved = {n: p.requires_grad for n, p in q_model.named_parameters()}
     for p in q_model.parameters():

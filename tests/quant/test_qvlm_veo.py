@@ -13,7 +13,7 @@ from pipeline.models.builtin import rtn_fake_quant_
 from pipeline.models.families import LLAVA
 from pipeline.models.tiny import build_tiny_model
 from pipeline.quant.entropy import soft_entropy
-from pipeline.quant.veo import answer_kl, optimize_projector, projector_parameters
+from pipeline.quant.veo import answer_kl, answer_positions, optimize_projector, projector_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,3 +93,17 @@ def test_veo_lowers_its_objective_and_leaves_the_models_alone(models, eta, param
     _, check = optimize_projector(fp, q2, inputs, LLAVA.projector_path, LLAVA.layers_path,
                                   {"steps": 0, "eta": eta, "params": params})
     assert check["before"]["objective"] == pytest.approx(log["after"]["objective"], rel=1e-5)
+
+
+def test_precomputed_fp_logprobs_replace_the_fp_model(models):
+    fp, q, inputs = models
+    with_model = optimize_projector(fp, q, inputs, LLAVA.projector_path, LLAVA.layers_path, {"steps": 3, "lr": 1e-3})
+    pre = []
+    with torch.no_grad():
+        for inp in inputs:
+            model_in = {k: v for k, v in inp.items() if k not in ("labels", "vision_mask")}
+            logits = fp(**model_in, use_cache=False).logits[0]
+            pre.append({**inp, "fp_logprobs": torch.log_softmax(logits[answer_positions(inp)], -1)})
+    assert int(answer_positions(inputs[0]).sum()) == 10  # labels at 30..39 -> predicted from 29..38
+    without = optimize_projector(None, q, pre, LLAVA.projector_path, LLAVA.layers_path, {"steps": 3, "lr": 1e-3})
+    assert without[1]["before"] == with_model[1]["before"] and without[1]["after"] == with_model[1]["after"]
