@@ -3,10 +3,14 @@
 Public API (imported lazily, so ``import kernels`` loads neither torch nor triton):
 
 - ``QuantLinear``: ``QuantLinear.from_quantized(qweight, bias=None, act_bits=16)``, ``forward(x)``.
-- ``matmul(x, packed, bias)``: the dispatcher (GEMV for small M, dequant-tile GEMM otherwise);
-  ``gemv``, ``gemm``, ``w4a8``, ``quantize_act`` for a chosen path.
+- ``matmul(x, packed, bias)``: the dispatcher (on CUDA it autotunes among the CUDA-core GEMV, the
+  tensor-core split-K GEMM, the dequant-tile GEMM and dequantize + cuBLAS per shape; see
+  ``kernels.autotune``); ``gemv``, ``gemm``, ``gemm_dequant``, ``dequantize``, ``w4a8``,
+  ``quantize_act`` for a chosen path.
 - ``pack`` / ``unpack`` / ``PackedWeight``: the load-time repack (``kernels.layout``).
 - ``kernels.reference``: the float64 fake-quant references.
+- ``kernels.decode_ops``: fused RMSNorm / rotary + KV-cache write / decode attention / SiLU-mul for
+  graph-captured single-token decode (``vlmq bench decode``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ _LAZY = {
     "gemv": ("dispatch", "gemv"),
     "gemm": ("dispatch", "gemm"),
     "w4a8": ("dispatch", "w4a8"),
+    "gemm_dequant": ("dispatch", "gemm_dequant"),
+    "dequantize": ("dispatch", "dequantize"),
     "quantize_act": ("dispatch", "quantize_act"),
 }
 

@@ -51,9 +51,6 @@ def loops(sass: str) -> list[list[str]]:
     """Instruction lists of the bodies of backward branches (innermost loops)."""
     lines = [l for l in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", l)]
     addr = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", l).group(1), 16) for l in lines]
-    labels = {}
-    for i, l in enumerate(sass.splitlines()):
-        pass
     out = []
     for i, l in enumerate(lines):
         m = re.search(r"BRA\s+(?:`\()?\.?L_x_(\d+)", l)
@@ -84,15 +81,9 @@ def histogram(instrs: list[str]) -> collections.Counter:
 def report(kernel, label: str, values_per_iter: int | None = None) -> dict:
     md = kernel.metadata
     sass = sass_of(kernel.asm["cubin"])
-    res = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", "/dev/stdin"], input=kernel.asm["cubin"],
-                         capture_output=True) if False else None
-    n_regs = getattr(kernel, "n_regs", None)
-    spills = getattr(kernel, "n_spills", None)
     body = loops(sass)
-    info = {"label": label, "shared": md.shared, "num_warps": md.num_warps, "regs": n_regs, "spills": spills}
+    info = {"label": label, "shared": md.shared, "num_warps": md.num_warps}
     print(f"== {label}: shared={md.shared} B, warps={md.num_warps}")
-    ptx = kernel.asm["ptx"]
-    m = re.search(r"\.maxnreg|\.reqntid", ptx)
     for i, b in enumerate(body):
         h = histogram(b)
         n = sum(h.values())
@@ -151,7 +142,7 @@ def main() -> None:
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32", "magic": "i32"}
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r, EVEN=not a.uneven)
         k = compile_kernel(gemv_kernel, sig, c, a.warps)
-        vals = (max(a.group // v, a.r) if a.group else a.r) * a.bn * v
+        vals = a.r * a.bn * v  # one iteration = R decode rows
     else:
         from kernels.gemm import gemm_kernel
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.bk // v, BM=a.bm, BN=a.bn, BK=a.bk, GROUP_M=8, TRANS=a.trans)

@@ -1,0 +1,52 @@
+"""The `vlmq bench kernels|decode` entry points: registration contract, light import, CPU refusal."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+
+def test_register_adds_subcommands_with_run():
+    from pipeline.evaluate import bench_decode, bench_kernels
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd")
+    bench_kernels.register(sub)
+    bench_decode.register(sub)
+    a = p.parse_args(["kernels", "--m", "1", "16", "--shapes", "8192x28672", "--out", "x"])
+    assert a.func is bench_kernels.run and a.m == [1, 16] and a.shapes == ["8192x28672"]
+    d = p.parse_args(["decode", "--batch", "1", "--variants", "fp16", "w4"])
+    assert d.func is bench_decode.run and d.batch == [1] and d.variants == ["fp16", "w4"]
+
+
+def test_import_does_not_load_torch():
+    code = ("import sys; import pipeline.evaluate.bench_kernels, pipeline.evaluate.bench_decode; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_cases_cover_the_issue_table():
+    from pipeline.evaluate import bench_kernels
+
+    p = argparse.ArgumentParser()
+    bench_kernels.add_args(p)
+    cases = bench_kernels.build_cases(p.parse_args(["--w4a8"]))
+    impls = {c.impl for c in cases}
+    assert impls == {"cublas", "int4mm", "ours", "w4a8"}
+    assert {(c.k, c.n) for c in cases} == {(8192, 28672), (28672, 8192), (8192, 8192), (3584, 18944),
+                                          (18944, 3584), (3584, 4608)}
+    assert {c.m for c in cases} == {1, 4, 16, 64, 512, 2048}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_decode_refuses_cpu_with_a_fix():
+    from pipeline.errors import VlmqError
+    from pipeline.evaluate import bench_decode
+
+    p = argparse.ArgumentParser()
+    bench_decode.add_args(p)
+    with pytest.raises(VlmqError) as e:
+        bench_decode.run(p.parse_args(["--tiny"]))
+    assert e.value.fix
