@@ -78,12 +78,17 @@ class QuantLinear(nn.Module):
         if x2.shape[0] == 0:
             return x.new_empty(*lead, self.out_features)
         if x.device.type != "cuda" and not dispatch.interpreting():
-            y = self._torch_forward(x2)
-        elif self.act_bits == 8:
-            y = dispatch.w4a8(x2, self.packed, self.bias)
+            return self._torch_forward(x2).reshape(*lead, self.out_features)
+        # the kernels take 16-bit activations; others (an fp32 model) run in the scale's dtype
+        xk = x2 if x2.dtype in (torch.float16, torch.bfloat16) else x2.to(self._kernel_dtype())
+        if self.act_bits == 8:
+            y = dispatch.w4a8(xk, self.packed, self.bias)
         else:
-            y = dispatch.matmul(x2, self.packed, self.bias)
-        return y.reshape(*lead, self.out_features)
+            y = dispatch.matmul(xk, self.packed, self.bias)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _kernel_dtype(self) -> torch.dtype:
+        return self.scale.dtype if self.scale.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 8:

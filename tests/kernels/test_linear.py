@@ -80,3 +80,12 @@ def test_autotune_picks_fastest_and_caches():
     again = autotune.pick(key, [("other", None)], (0,), timer=lambda cs, a: [("other", 0.1)])
     assert again is fn  # cached: the second list is not timed
     assert autotune.pick(("test", 2), cands, (0,), timer=lambda cs, a: []) is None
+
+
+def test_fp32_activations_run_in_16_bit(gen, device):
+    qw = random_qweight(24, 64, 4, 32, False, torch.float16, gen)
+    lin = QuantLinear.from_quantized(qw, None).to(device)
+    x = random_x(2, 64, torch.float16, gen, device).float()
+    y = lin(x)
+    assert y.dtype == torch.float32
+    assert_matches(y, linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16)
