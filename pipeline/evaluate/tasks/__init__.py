@@ -11,7 +11,9 @@ task                   what it measures
                        an image (``image``: bytes / path / ``{"bytes", "path"}``, or
                        ``image_path``; paths relative to the file), optional ``question_id``
                        and ``category``. The prompt is the question plus "Answer the question
-                       using a single word or phrase." Score: VQAv2-normalized exact match
+                       using a single word or phrase.", or a row's ``prompt`` verbatim
+                       (``tasks/export.py`` writes the built-in test split in this format).
+                       Score: VQAv2-normalized exact match
                        against any reference (``accuracy``); with 3+ references also VQAv2's
                        consensus ``min(matches / 3, 1)`` (``vqa_consensus``).
 ``mc:FILE``            ScienceQA-style multiple choice: rows with ``question``, ``choices``

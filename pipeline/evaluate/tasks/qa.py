@@ -60,13 +60,16 @@ class OpenVQA(Task):
             image, problem = image_of(rec, root)
             question = first(rec, "question", "prompt")
             answers = rec.get("answers")
+            if hasattr(answers, "tolist"):
+                answers = answers.tolist()
             if answers is None and first(rec, "answer") is not None:
                 answers = [rec["answer"]]
             answers = [a.get("answer", "") if isinstance(a, dict) else str(a) for a in (answers or [])]
             if problem or not question or not answers:
                 out.append({"id": rid, "skipped": problem or ("no question" if not question else "no answers")})
                 continue
-            pred = _answer(ctx, image, str(question) + VQA_SUFFIX, VQA_MAX_NEW_TOKENS)
+            prompt = first(rec, "prompt") or str(question) + VQA_SUFFIX  # a row's own prompt is used verbatim
+            pred = _answer(ctx, image, str(prompt), VQA_MAX_NEW_TOKENS)
             r = {"id": rid, "prediction": pred, "correct": scoring.exact_match(pred, answers),
                  "group": first(rec, "category", "question_type")}
             if len(answers) >= 3:
