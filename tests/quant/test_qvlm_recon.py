@@ -336,3 +336,19 @@ def test_qvlm_mbq_starts_from_mbq_exactly(toy):
     for name, qw in res.quantized.items():
         assert torch.equal(qw.scale, mbq.quantized[name].scale) and torch.equal(qw.zero, mbq.quantized[name].zero)
     assert get_search("qvlm+mbq") is search_qvlm_mbq
+
+
+def test_w4a8_symmetric_per_channel_grid(toy):
+    """The W4A8 weight grid (per output channel, symmetric, no zero point) works the same way."""
+    layers, samples = toy
+    st = SearchSettings(QuantScheme(4, None, symmetric=True), LLAMA_LIKE_GROUPS, torch.float16, abits=8,
+                        options=dict(iters=40, lr=1e-2, batch_size=4, round_lambda=1e4))
+    res = search_qvlm(layers[:1], [0], BlockCalib(samples), st)
+    rtn = search_rtn(layers[:1], [0], None, st).quantized
+    for name, qw in res.quantized.items():
+        assert qw.zero is None and torch.equal(qw.scale, rtn[name].scale)
+        w = layers[0].get_submodule(name.split(".", 1)[1]).weight.detach()
+        base = torch.floor(w / qw.scale.float())
+        q = qw.qweight.float()
+        assert ((q == base.clamp(-8, 7)) | (q == (base + 1).clamp(-8, 7))).all()
+    assert res.metrics["mse_after"] < res.metrics["mse_start"]
