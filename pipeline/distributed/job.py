@@ -157,7 +157,7 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     with _stage(stages, "validate"):
         from ..checkpoint.validate import validate_checkpoint
 
-        validation = validate_checkpoint(out)
+        validation = validate_checkpoint(out, device=prep.device)
     from ..checkpoint.validate import format_report
 
     result = JobResult(out=out, report=report, stages=stages)

@@ -1,13 +1,15 @@
 """The driver's event loop for capture + search: which Ray work to start, when, and where.
 
-- Capture: one ``WavefrontWorker`` per group of samples (one group per GPU; one on CPUs), each
-  walking the decoder layer by layer. A layer's stream is complete when every group passed it.
+- Capture: one chain of ``wavefront_step`` tasks per group of samples (one group per GPU; one on
+  CPUs), walking the decoder layer by layer. A layer's stream is complete when every group
+  passed it.
 - Search: a block becomes a Ray task the moment its input stream is complete and its method has
   what it needs (MBQ: the sensitivity ratios of every layer; Q-VLM: the partition). For AWQ and
   SmoothQuant that means search overlaps capture.
 - Streams are deleted as soon as nothing needs them (the capture has moved past, the block that
   reads them is done, the gradient pass is over), so the store holds a moving window.
-- Lost workers: actors restart and retry their idempotent calls; search tasks are retried.
+- Lost workers: every step and every search is a Ray task, retried on another worker; the
+  steps are idempotent, so a retry redoes at most one layer of one group.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .context import JobContext
 from .faults import maybe_kill_driver
 from .progress import JobView
 from .runtime import RayContext
-from .wavefront import WavefrontWorker, group_root, needs_last_stream
+from .wavefront import group_root, needs_last_stream, wavefront_step
 
 MAX_RETRIES = 3
 
@@ -91,18 +93,18 @@ class CaptureAndSearch:
         import ray
 
         ctx, n_layers = self.ctx, self.n_layers
-        workers: list = []
         calls: dict[Any, tuple[int, int]] = {}  # ref -> (group, layer); layer -1 = embed
-        if capture:
-            actor_cls = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
-                                   **placement(self.ray_ctx))(WavefrontWorker)
-            workers = [actor_cls.remote(ctx, g, len(self.groups), self.table_path, rows)
-                       for g, rows in enumerate(self.groups)]
-            for g, w in enumerate(workers):
-                calls[w.embed.remote()] = (g, -1)
-                for i in range(n_layers):
-                    calls[w.forward.remote(i)] = (g, i)
-        left = {i: len(workers) for i in range(-1, n_layers)}  # capture calls left per layer
+        n_groups = len(self.groups) if capture else 0
+        step = ray.remote(max_retries=MAX_RETRIES, **placement(self.ray_ctx))(wavefront_step)
+        last_ref: dict[int, Any] = {}
+        for g, rows in enumerate(self.groups[:n_groups]):
+            prev = step.remote(ctx, g, n_groups, self.table_path, rows, "embed")
+            calls[prev] = (g, -1)
+            for i in range(n_layers):
+                prev = step.remote(ctx, g, n_groups, self.table_path, rows, "forward", i, prev)
+                calls[prev] = (g, i)
+            last_ref[g] = prev
+        left = {i: n_groups for i in range(-1, n_layers)}  # capture calls left per layer
         search_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False,
                                  **placement(self.ray_ctx))(self.search_fn)
         st = {"blocks": early_blocks, "sensitivity": None, "phase_done": False}
@@ -134,7 +136,8 @@ class CaptureAndSearch:
                 if not calls and need_backward and not backward_refs and not st["phase_done"] \
                         and not self.capture_stats_has_backward():
                     self.view.info("gradient pass (MBQ sensitivity), layer by layer in reverse")
-                    backward_refs = [w.backward.remote() for w in workers]
+                    backward_refs = [step.remote(ctx, g, n_groups, self.table_path, rows, "backward", -1, last_ref[g])
+                                     for g, rows in enumerate(self.groups[:n_groups])]
                 if not calls and not backward_refs and not st["phase_done"]:
                     st["blocks"], st["sensitivity"] = after_capture(self.capture_stats)
                     st["phase_done"] = True
@@ -173,8 +176,6 @@ class CaptureAndSearch:
                     self.view.info(f"status: {len(self.done_blocks)}/{len(blocks) if blocks else '?'} blocks done, "
                                    f"{len(running)} running, capture calls left {len(calls)}, "
                                    f"store {self.store_bytes() / 2**30:.2f} GiB, {now - t0:.0f}s")
-        for w in workers:
-            ray.kill(w)
         if capture:
             self._delete_unneeded(passed | set(range(n_layers + 1)), st["blocks"], True)
         self.blocks = st["blocks"]

@@ -13,7 +13,9 @@ MBQ's gradient pass walks back the same way: the answer loss on the last stream,
 from above (activations recomputed, never all kept).
 
 Every call is idempotent: a layer whose output stream is already complete is skipped, which is
-what ``--resume`` and Ray's retries rely on.
+what ``--resume`` and Ray's retries rely on. Each step runs as its own Ray task (``wavefront_step``)
+chained on the previous step of its group, so steps land on warm pooled workers, any step can
+be retried alone, and groups on different GPUs never wait for each other.
 """
 
 from __future__ import annotations
@@ -167,3 +169,17 @@ def save_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
+
+
+def wavefront_step(ctx: JobContext, group: int, n_groups: int, table_path: str, rows: list[int],
+                   step: str, layer: int = -1, _after: Any = None) -> dict[str, Any]:
+    """One step of one group as a Ray task: ``embed``, ``forward`` (layer) or ``backward``.
+    ``_after`` is the previous step's result: passing its ObjectRef orders the chain."""
+    w = WavefrontWorker(ctx, group, n_groups, table_path, rows)
+    if step == "embed":
+        return w.embed()
+    if step == "forward":
+        return w.forward(layer)
+    if step == "backward":
+        return w.backward()
+    raise ValueError(step)

@@ -179,11 +179,11 @@ def build_layers(
 ) -> list[nn.Module]:
     """Decoder layers ``layer_ids`` alone, with only their tensors read from ``source``.
 
-    The layers come from a meta model of the whole architecture, so they keep their real class,
-    ``layer_idx`` and attention settings. This is how a search actor gets one block.
+    The layers are copies of the layers of a (cached) meta model of the whole architecture, so
+    they keep their real class, ``layer_idx`` and attention settings, and a worker that builds
+    many blocks builds the meta model once. This is how a search task gets one block.
     """
-    meta = build_meta_model(source.config_dict, adapter)
-    layers = meta.get_submodule(adapter.layers_path)
+    layers = _inspect(source.config_dict, adapter).get_submodule(adapter.layers_path)
     n = len(layers)
     out: list[nn.Module] = []
     keys = source.keys()
@@ -191,7 +191,7 @@ def build_layers(
         if not 0 <= i < n:
             raise VlmqError(f"layer {i} does not exist (the model has {n} decoder layers)",
                             f"use layer ids in 0..{n - 1}")
-        layer = _buffers_to(layers[i], device)
+        layer = _buffers_to(copy.deepcopy(layers[i]), device)
         prefix = adapter.layer_prefix(i)
         mine = [k for k in keys if k.startswith(prefix)]
         _materialize(layer, ((k[len(prefix):], _prepare(source.get(k), dtype, device)) for k in mine),

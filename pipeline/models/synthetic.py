@@ -30,6 +30,14 @@ MARKER = "synthetic.json"
 # Real dimensions (config.json of the public checkpoints). Vision towers keep their real size;
 # the image processors are set so one calibration image gives ~256 vision tokens.
 SYNTHETIC_MODELS: dict[str, dict[str, Any]] = {
+    # a small one with the 7B's vision geometry, so CI runs the synthetic path end to end
+    "qwen2-vl-mini": dict(
+        family="qwen2_vl",
+        text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, rope_theta=1e6, mrope_section=[8, 12, 12]),
+        vision=dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+    ),
     "qwen2-vl-7b": dict(
         family="qwen2_vl",
         text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -120,20 +128,21 @@ def _realistic_image_size(proc: Any, spec: dict[str, Any]) -> None:
     """Make one calibration image cost about as many tokens as on the real model."""
     ip = proc.image_processor
     fam = spec["family"]
+
+    def size(**kw: int) -> Any:  # transformers 5 keeps sizes in a SizeDict
+        return type(ip.size)(**kw) if not isinstance(ip.size, dict) else dict(kw)
+
     if fam == "qwen2_vl":
         px = 448 * 448  # -> 32x32 patches -> 256 tokens after the 2x2 merge
-        if hasattr(ip, "min_pixels"):
-            ip.min_pixels = ip.max_pixels = px
-        if isinstance(getattr(ip, "size", None), dict):
-            ip.size = {"shortest_edge": px, "longest_edge": px}
+        ip.size = size(shortest_edge=px, longest_edge=px)
     elif fam == "llava_onevision":
         side = spec["vision"]["image_size"]
-        ip.size = {"height": side, "width": side}
+        ip.size = size(height=side, width=side)
         ip.image_grid_pinpoints = [[side, side]]
         proc.num_image_tokens = (side // spec["vision"]["patch_size"]) ** 2
     elif fam == "internvl":
         side = spec["vision"]["image_size"]
-        ip.size = {"height": side, "width": side}
+        ip.size = size(height=side, width=side)
         proc.image_seq_length = 256
 
 
@@ -200,14 +209,14 @@ class SyntheticWeightSource(WeightSource):
 
     def __init__(self, model_dir: str | Path, device: torch.device | str = "cpu"):
         from . import detect_adapter
-        from .loading import build_meta_model
+        from .loading import _inspect
 
         self.model_dir = Path(model_dir)
         meta = json.loads((self.model_dir / MARKER).read_text())
         self.name = meta["name"]
         self._config = json.loads((self.model_dir / "config.json").read_text())
         self.device = torch.device(device)
-        model = build_meta_model(self._config, detect_adapter(self._config))
+        model = _inspect(self._config, detect_adapter(self._config))  # cached per process
         self._entries = {k: (tuple(v.shape), torch.bfloat16 if v.is_floating_point() else v.dtype)
                          for k, v in model.state_dict().items()}
         # tied embeddings appear once in state_dict already; nothing else to do
