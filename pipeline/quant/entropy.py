@@ -68,7 +68,8 @@ def token_codes(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Bin index in ``[0, 2^bits)`` of each element of ``x [T, C]`` on its token's symmetric grid."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-30)
+    # a 0-dim tensor divisor: true division on CUDA too, so the codes match fake_quantize_activations
+    s = (xf.abs().amax(dim=-1, keepdim=True) / torch.tensor(float(qmax), device=xf.device)).clamp(min=1e-30)
     q = torch.round(xf / s).clamp(-qmax - 1, qmax)
     return (q + 2 ** (bits - 1)).long()
 
