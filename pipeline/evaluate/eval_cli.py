@@ -23,8 +23,19 @@ examples:
       --fp-model /models/Qwen2-VL-7B-Instruct --backend triton --address auto --out eval-qwen
 
 checkpoints: 'builtin' (the fp built-in model), folders written by `vlmq quantize`, or plain
-model folders (fp). Tasks: builtin-vqa, vqa:FILE, mc:FILE, caption-ppl:SOURCE, fidelity[:SOURCE],
-speed (added unless --no-speed); row formats: `python -c "import pipeline.evaluate.tasks as t; print(t.__doc__)"`.
+model folders (fp).
+
+tasks (local data only; JSONL/Parquet images: 'image' bytes or path, or 'image_path', relative to the file):
+  builtin-vqa          built-in synthetic test split, greedy, exact match; accuracy + per skill (1000)
+  vqa:FILE             open-ended: question, answers (list) or answer, image, [category], [prompt];
+                       VQAv2-normalized exact match (+ consensus min(n/3,1) with 3+ answers)
+  mc:FILE              ScienceQA-style: question, choices (list), answer (index or letter),
+                       [image], [hint], [subject]; parsed letter, unparseable = wrong
+  caption-ppl:SOURCE   perplexity of caption/answer tokens; SOURCE as --calib (builtin, .parquet, ...)
+  fidelity[:SOURCE]    vs the fp model (--fp-model or the checkpoint's report.json): KL(fp||quant),
+                       top-1 agreement, perplexity; answer tokens and text tokens (default builtin:qa, 128)
+  speed                weight bytes; peak GPU memory and batch-1 decode tokens/s on a GPU (added
+                       unless --no-speed)
 """
 
 

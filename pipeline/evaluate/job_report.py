@@ -188,7 +188,7 @@ def sections(report: dict[str, Any], out_dir: Path) -> list[tuple[str, list[Any]
     secs.append(("Summary", [("table", ["what", "value"], rows)]))
     fid = report.get("fidelity") or {}
     if fid:
-        secs.append(("Fidelity vs fp (held-out rows)", [("table", ["tokens", "KL(fp||quant)", "top-1 agree %", "tokens"], [
+        secs.append(("Fidelity vs fp (held-out rows)", [("table", ["tokens of", "KL(fp||quant)", "top-1 agree %", "tokens"], [
             [k, fmt(v.get("kl")), pct(v.get("top1")), v.get("tokens")] for k, v in fid.items() if isinstance(v, dict)])]))
 
     def errors_part() -> list[Any]:

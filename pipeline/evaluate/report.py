@@ -118,7 +118,12 @@ def _bits(row_or_ckpt: dict[str, Any]) -> int:
 def summary_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Checkpoint x task headline metrics (+ weight size): the first table of every report."""
     tasks = [t["name"] for t in doc["tasks"] if t["kind"] != "speed"]
-    headers = ["checkpoint", "recipe", "bits", "weights MiB"] + tasks
+    metric = {}
+    for r in doc["rows"]:
+        if r["status"] == "ok" and r["task"] not in metric:
+            metric[r["task"]] = r["headline"]["name"]
+    headers = ["checkpoint", "recipe", "bits", "weights MiB"] + [
+        f"{t} ({'accuracy %' if metric.get(t) == 'accuracy' else metric.get(t) or '-'})" for t in tasks]
     cell = {(r["checkpoint"], r["task"]): r for r in doc["rows"]}
     out = []
     for c in doc["checkpoints"]:
@@ -222,45 +227,63 @@ def write_eval_report(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- plots
 
 
-def _series(rows: list[dict[str, Any]], value: Any) -> tuple[dict[str, list[tuple[int, float]]], list[float]]:
-    """method -> sorted (bits, value) points of quantized checkpoints; fp values apart."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    fp: list[float] = []
+def variant(row: dict[str, Any]) -> str:
+    """The line a quantized row belongs to: method, plus what else changes the numbers."""
+    v = str(row.get("method"))
+    if (row.get("abits") or 16) < 16:
+        v += f" A{row['abits']}"
+    if row.get("group_size") not in (None, 128):
+        v += f" g{row['group_size']}"
+    elif row.get("group_size") is None and _bits(row) != 16 and "group_size" in row:
+        v += " per-channel"
+    if row.get("sym"):
+        v += " sym"
+    return v
+
+
+def _series(rows: list[dict[str, Any]], value: Any) -> dict[str, tuple[dict[str, list[tuple[int, float]]], list[float]]]:
+    """base model -> (variant -> sorted (bits, value) points, fp values)."""
+    out: dict[str, tuple[dict[str, list[tuple[int, float]]], list[float]]] = {}
     for r in rows:
         v = value(r)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
+        series, fp = out.setdefault(str(r.get("base") or "model"), ({}, []))
         if _bits(r) == 16:
             fp.append(v)
         else:
-            label = r["method"] + (f" A{r['abits']}" if (r.get("abits") or 16) < 16 else "")
-            series.setdefault(label, []).append((_bits(r), v))
-    return {k: sorted(v) for k, v in sorted(series.items())}, fp
+            series.setdefault(variant(r), []).append((_bits(r), v))
+    return {b: ({k: sorted(p) for k, p in sorted(s.items())}, fp) for b, (s, fp) in sorted(out.items())}
 
 
 def plot_vs_bits(rows: list[dict[str, Any]], value: Any, ylabel: str, title: str, log: bool = False) -> Any:
-    """One line per method over weight bits; the fp model(s) as dashed horizontal lines."""
+    """One panel per base model; one line per method variant over weight bits; fp as a dashed line."""
     from matplotlib.figure import Figure
 
-    series, fp = _series(rows, value)
-    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
-    ax = fig.add_subplot()
-    for i, (method, pts) in enumerate(series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=method)
-    for j, v in enumerate(fp):
-        ax.axhline(v, color="k", ls="--", lw=1, label="fp" if j == 0 else None)
-    bits = sorted({b for pts in series.values() for b, _ in pts})
-    if bits:
-        ax.set_xticks(bits)
-        ax.set_xlim(min(bits) - 0.5, max(bits) + 0.5)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("weight bits")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if series or fp:
-        ax.legend(fontsize=8, loc="best")
+    by_base = _series(rows, value)
+    n = max(1, len(by_base))
+    fig = Figure(figsize=(min(4.6 * n, 13.8), 3.9), layout="constrained")
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
+    variants = sorted({k for s, _ in by_base.values() for k in s})
+    colour = {k: f"C{i % 10}" for i, k in enumerate(variants)}
+    for ax, (base, (series, fp)) in zip(axes, by_base.items()):
+        for k, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour[k], label=k)
+        for j, v in enumerate(fp):
+            ax.axhline(v, color="k", ls="--", lw=1, label="fp" if j == 0 else None)
+        bits = sorted({b for pts in series.values() for b, _ in pts})
+        if bits:
+            ax.set_xticks(bits)
+            ax.set_xlim(min(bits) - 0.5, max(bits) + 0.5)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("weight bits")
+        ax.set_title(base, fontsize=10)
+        ax.grid(alpha=0.3)
+        if series or fp:
+            ax.legend(fontsize=8, loc="best")
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title)
     return fig
 
 

@@ -53,7 +53,7 @@ def test_job_report_extracts_and_writes_numbers(tmp_path):
     assert names == ["layer_errors.png", "mbq_ratios.png", "qvlm_partition.png", "report.html", "report.md", "stages.png"]
     md = (tmp_path / "rep" / "report.md").read_text()
     for s in ("0.5 -> 0.25", "3 -> 1", "4.00 MiB -> 1.00 MiB (4.00x smaller)", "| 0 | 0.3 | 0.1 | 0.4 | 0.4 |",
-              "| answer | 0.125 | 75.0 | 8 |", "blocks: 0-1 | 2-3; tau 2.5", "| capture + search | 30.2 |"):
+              "| answer | 0.125 | 75.0 | 8 |", "| tokens of | KL(fp\\|\\|quant) |", "blocks: 0-1 | 2-3; tau 2.5", "| capture + search | 30.2 |"):
         assert s in md, s
     for p in files:
         if p.suffix == ".png":
@@ -82,7 +82,8 @@ def test_job_report_survives_an_empty_report(tmp_path):
 
 def _row(ckpt, method, bits, acc, kind="quantized"):
     return {"checkpoint": ckpt, "task": "builtin-vqa", "kind": "builtin-vqa", "checkpoint_kind": kind,
-            "method": method, "wbits": bits, "abits": 16, "label": f"{method} W{bits}", "weight_bytes": 2**20,
+            "method": method, "wbits": bits, "abits": 16, "group_size": None if bits == 16 else 128,
+            "label": f"{method} W{bits}", "weight_bytes": 2**20,
             "status": "ok", "accuracy": acc, "per_skill": {"count": acc}, "shards": 1,
             "metrics": {"accuracy": acc, "per_skill": {"count": acc}, "n": 10},
             "headline": {"name": "accuracy", "value": acc}}
@@ -103,11 +104,16 @@ DOC = {
 
 
 def test_eval_report_tables_and_plot(tmp_path):
-    series, fp = _series([r for r in DOC["rows"] if r["status"] == "ok"], lambda r: r["accuracy"])
-    assert series == {"mbq": [(3, 0.93)], "rtn": [(3, 0.85), (4, 0.96)]} and fp == [0.97]
+    by_base = _series([r for r in DOC["rows"] if r["status"] == "ok"], lambda r: r["accuracy"])
+    assert by_base == {"model": ({"mbq": [(3, 0.93)], "rtn": [(3, 0.85), (4, 0.96)]}, [0.97])}
+    other = [{**_row("o3", "rtn", 3, 0.5), "base": "outlier"}, {**_row("o3s", "rtn", 3, 0.6), "base": "outlier", "sym": True},
+             {**_row("ofp", "fp", 16, 0.9, "fp"), "base": "outlier"}, {**_row("g64", "awq", 4, 0.7), "group_size": 64}]
+    assert _series(other, lambda r: r["accuracy"]) == {
+        "model": ({"awq g64": [(4, 0.7)]}, []), "outlier": ({"rtn": [(3, 0.5)], "rtn sym": [(3, 0.6)]}, [0.9])}
     files = write_eval_report(DOC, tmp_path)
     assert sorted(p.name for p in files) == ["accuracy_builtin-vqa.png", "report.html", "report.md"]
     md = (tmp_path / "report.md").read_text()
+    assert "| checkpoint | recipe | bits | weights MiB | builtin-vqa (accuracy %) |" in md
     assert "| r3 | rtn W3 | 3 | 1.00 | 85.0 |" in md
     assert "| builtin | fp | 16 | 1.00 | 97.0 |" in md
     assert "| bad | rtn W2 | 2 | 1.00 | FAILED |" in md

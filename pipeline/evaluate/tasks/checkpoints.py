@@ -40,6 +40,7 @@ class CheckpointRef:
     abits: int = 16
     group_size: int | None = None
     label: str = "fp"
+    sym: bool = False
     weight_bytes: int = 0
     reference: str | None = None  # fp model folder to compare against (fidelity)
     recipe: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -96,6 +97,7 @@ def _recipe_of(folder: Path, config: dict[str, Any] | None) -> dict[str, Any]:
     out["wbits"] = int(wbits) if wbits else 0
     out["group_size"] = None if group == "missing" else group
     out["abits"] = int(meta.get("act_bits") or rec.get("abits") or 16)
+    out["sym"] = bool(sym)
     g = "ch" if out["group_size"] is None else f"g{out['group_size']}"
     a = f"A{out['abits']}" if out["abits"] < 16 else ""
     out["label"] = rec.get("label") or f"{out['method']} W{out['wbits']}{a} {g}{' sym' if sym else ''}"
@@ -137,7 +139,7 @@ def resolve_checkpoint(spec: str, fp_model: str | None = None) -> CheckpointRef:
         ref = BUILTIN_REF if ref == BUILTIN else str(Path(ref).expanduser().resolve())
     return CheckpointRef(spec, folder.name, str(folder), "quantized", fingerprint(folder), method=r["method"],
                          wbits=r["wbits"], abits=r["abits"], group_size=r["group_size"], label=r["label"],
-                         weight_bytes=weight_bytes(folder), reference=ref, recipe=r["recipe"])
+                         sym=r["sym"], weight_bytes=weight_bytes(folder), reference=ref, recipe=r["recipe"])
 
 
 def _builtin_ref() -> str:
@@ -160,6 +162,16 @@ def reference_path(ref: CheckpointRef) -> str | None:
     if ref.reference == BUILTIN_REF:
         return _builtin_ref()
     return ref.reference
+
+
+def base_name(ref: CheckpointRef) -> str:
+    """Short name of the fp model a checkpoint came from (itself for fp models): plots group by it."""
+    if ref.kind != "quantized":
+        return ref.name
+    path = reference_path(ref)
+    if path is None:
+        return "unknown fp model"
+    return BUILTIN if Path(path) == Path(_builtin_ref()) else Path(path).name
 
 
 def unique_names(refs: list[CheckpointRef]) -> list[CheckpointRef]:

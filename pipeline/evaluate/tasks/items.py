@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .base import RunContext, Task
-from .checkpoints import CheckpointRef, ModelCache, folder_kind, reference_path
+from .checkpoints import CheckpointRef, ModelCache, base_name, folder_kind, reference_path
 
 ITEMS_DIR = "items"
 
@@ -189,7 +189,8 @@ def assemble(items: list[WorkItem], results: dict[str, dict[str, Any]]) -> list[
         row: dict[str, Any] = {"checkpoint": ckpt.name, "task": task.name, "kind": task.kind,
                                "path": ckpt.path, "checkpoint_kind": ckpt.kind, "method": ckpt.method,
                                "wbits": ckpt.wbits, "abits": ckpt.abits, "group_size": ckpt.group_size,
-                               "label": ckpt.label, "weight_bytes": ckpt.weight_bytes,
+                               "label": ckpt.label, "sym": ckpt.sym, "base": base_name(ckpt),
+                               "weight_bytes": ckpt.weight_bytes,
                                "shards": len(its), "seconds": sum(r.get("seconds", 0.0) for r in res if r)}
         errors = [r for r in res if r is not None and r.get("status") != "ok"]
         missing = sum(r is None for r in res)
