@@ -124,6 +124,9 @@ def summary_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             metric[r["task"]] = r["headline"]["name"]
     headers = ["checkpoint", "recipe", "bits", "weights MiB"] + [
         f"{t} ({'accuracy %' if metric.get(t) == 'accuracy' else metric.get(t) or '-'})" for t in tasks]
+    speed = any(t["kind"] == "speed" for t in doc["tasks"])
+    if speed:
+        headers += ["peak GPU MiB", "decode tok/s (b1)"]
     cell = {(r["checkpoint"], r["task"]): r for r in doc["rows"]}
     out = []
     for c in doc["checkpoints"]:
@@ -137,6 +140,15 @@ def summary_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             else:
                 name, v = r["headline"]["name"], r["headline"]["value"]
                 line.append(pct(v) if name == "accuracy" else fmt(v))
+        sp = cell.get((c["name"], "speed"))
+        if speed and sp is None:
+            line += ["", ""]
+        elif speed and sp["status"] != "ok":
+            line += ["FAILED", "FAILED"]
+        elif speed:
+            m = sp["metrics"]
+            peak, tps = m.get("peak_gpu_mem_bytes"), m.get("decode_tokens_per_s")
+            line += [mib(peak) if isinstance(peak, int) else fmt(peak), fmt(tps)]
         out.append(line)
     return headers, out
 
@@ -145,7 +157,7 @@ def summary_table(doc: dict[str, Any]) -> Any:
     from rich.table import Table
 
     headers, rows = summary_rows(doc)
-    t = Table(title="vlmq eval (accuracy in %, fidelity: KL on answer tokens, perplexity)", title_justify="left")
+    t = Table(title="vlmq eval", title_justify="left")
     for h in headers:
         t.add_column(h)
     for r in rows:

@@ -103,6 +103,21 @@ DOC = {
 }
 
 
+def test_eval_report_speed_columns(tmp_path):
+    speed = {"checkpoint": "r4", "task": "speed", "kind": "speed", "checkpoint_kind": "quantized", "status": "ok",
+             "label": "rtn W4", "weight_bytes": 2**20, "shards": 1, "headline": {"name": "decode tok/s (b1)", "value": 150.0},
+             "metrics": {"weight_bytes": 2**20, "peak_gpu_mem_bytes": 3 * 2**20, "decode_tokens_per_s": 150.0, "device": "cuda:0"}}
+    cpu = {**speed, "checkpoint": "r3", "metrics": {"weight_bytes": 2**20, "peak_gpu_mem_bytes": "n/a (no GPU)",
+                                                  "decode_tokens_per_s": "n/a (no GPU)", "device": "cpu"}}
+    doc = {**DOC, "tasks": DOC["tasks"] + [{"name": "speed", "kind": "speed"}], "rows": DOC["rows"] + [speed, cpu]}
+    write_eval_report(doc, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| builtin-vqa (accuracy %) | peak GPU MiB | decode tok/s (b1) |" in md
+    assert "| r4 | rtn W4 | 4 | 1.00 | 96.0 | 3.00 | 150 |" in md
+    assert "| r3 | rtn W3 | 3 | 1.00 | 85.0 | n/a (no GPU) | n/a (no GPU) |" in md
+    assert "| m3 | mbq W3 | 3 | 1.00 | 93.0 |  |  |" in md
+
+
 def test_eval_report_tables_and_plot(tmp_path):
     by_base = _series([r for r in DOC["rows"] if r["status"] == "ok"], lambda r: r["accuracy"])
     assert by_base == {"model": ({"mbq": [(3, 0.93)], "rtn": [(3, 0.85), (4, 0.96)]}, [0.97])}
