@@ -50,8 +50,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", dest="calib.num_samples", type=int, default=S, help="calibration samples (default 128)")
     g.add_argument("--holdout", dest="calib.holdout", type=int, default=S, help="held-out samples for fidelity (default 8)")
     g.add_argument("--seed", dest="calib.seed", type=int, default=S, help="sampling seed (default 42)")
-    g.add_argument("--calib-mode", dest="calib.mode", choices=("caption", "qa", "mixed"), default=S,
-                   help="built-in set: caption rows (MBQ's choice), QA rows, or both")
+    g.add_argument("--calib-mode", dest="calib.mode", choices=("auto", "caption", "qa", "mixed"), default=S,
+                   help="built-in set: caption rows (MBQ's choice for real models), QA rows, or both; "
+                   "auto (default): QA for the built-in model, which was trained on QA only, else captions")
     g.add_argument("--image-dir", dest="calib.image_dir", default=S, help="JSONL sources: folder the image paths are relative to")
     g.add_argument("--split", dest="calib.split", default=S, help="datasets DatasetDict folders: which split (default train)")
     g.add_argument("--max-length", dest="calib.max_length", type=int, default=S, help="skip samples longer than this many tokens (a cut would lose the answer)")

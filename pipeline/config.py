@@ -30,7 +30,7 @@ class CalibSpec:
     source: str = "builtin"  # builtin | file.parquet | file.jsonl | datasets folder
     num_samples: int = 128  # MBQ's paper: 128 image-caption pairs
     seed: int = 42
-    mode: str = "caption"  # builtin only: caption | qa | mixed
+    mode: str = "auto"  # builtin source only: caption | qa | mixed | auto (qa for the built-in model, else caption)
     image_dir: str | None = None  # JSONL: folder images are relative to (default: the JSONL's folder)
     holdout: int = 8  # extra held-out samples for fidelity (KL, top-1) and validation
     max_length: int | None = None  # skip longer samples (tokens): a cut would lose the answer
@@ -56,7 +56,7 @@ class QuantRecipe:
     p: float = 0.5
     max_block_layers: int = 3
     iters: int = 200
-    lr: float = 1e-3
+    lr: float = 1e-2  # 1e-3 (AdaRound's) at 200 iterations can end worse than RTN end to end
     batch_size: int = 4
     veo: bool = False
 
@@ -249,7 +249,7 @@ def validate_spec(spec: JobSpec, explicit: dict[str, Any] | None = None) -> None
         raise VlmqError(f"--num-samples must be >= 1, got {c.num_samples}")
     if c.holdout < 0:
         raise VlmqError(f"--holdout must be >= 0, got {c.holdout}")
-    _choice(c.mode, ("caption", "qa", "mixed"), "calib.mode")
+    _choice(c.mode, ("auto", "caption", "qa", "mixed"), "calib.mode")
     res = spec.resources
     _choice(res.device, ("auto", "cpu", "cuda"), "--device")
     _choice(res.dtype, ("auto", "float16", "bfloat16", "float32"), "--dtype")

@@ -74,7 +74,7 @@ def check_job(spec: JobSpec) -> Prepared:
 
     from ..checkpoint.writer import check_output_dir
 
-    check_calib_source(spec.calib)
+    check_calib_source(spec.calib, mode=calib_mode(spec))
     model_ref = resolve_model(spec.model, spec.work_path)
     check_output_dir(spec.out, spec.overwrite or spec.resume,
                      protect=[model_ref] if not model_ref.startswith("synthetic:") else [])
@@ -174,6 +174,13 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     return result
 
 
+def calib_mode(spec: JobSpec) -> str:
+    """``auto``: QA rows for the built-in model (it learned QA, never captions), else captions."""
+    if spec.calib.mode != "auto":
+        return spec.calib.mode
+    return "qa" if spec.model in ("builtin", "builtin-outlier") else "caption"
+
+
 def build_tables(spec: JobSpec, prep: Prepared, work: Path, reuse: bool = False) -> tuple[str, str, dict[str, Any]]:
     """Calibration and held-out tables through the model's own processor (driver-side, no model).
     A resumed job reuses the tables it built (same fingerprint, same data)."""
@@ -188,7 +195,7 @@ def build_tables(spec: JobSpec, prep: Prepared, work: Path, reuse: bool = False)
     adapter = ADAPTERS[prep.family]
     processor = load_processor(prep.model_ref)
     c = spec.calib
-    source = open_calib_source(c, num_samples=c.num_samples + c.holdout)
+    source = open_calib_source(c, num_samples=c.num_samples + c.holdout, mode=calib_mode(spec))
     vision_id = adapter.image_token_id(_config_obj(prep))
     table, report = build_calibration_table(source.rows(), processor, vision_id, max_rows=c.num_samples + c.holdout,
                                             max_length=c.max_length)

@@ -5,6 +5,7 @@ No numerics here: every stage calls functions of ``pipeline.quant`` / ``pipeline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .search import search_block
 
 MAX_RETRIES = 3  # a lost worker's block is retried this many times
 SENSITIVITY_FILE = "sensitivity.json"
+PARTITION_FILE = "partition.json"
 OVERLAP_METHODS = ("rtn", "awq", "smoothquant")  # blocks known before capture: search overlaps it
 
 
@@ -24,8 +26,33 @@ def _placement(ray_ctx: RayContext) -> dict[str, Any]:
 
 
 def plan_blocks(n_layers: int, method: str) -> list[list[int]]:
-    """One decoder layer per block; Q-VLM replaces this with its entropy partition."""
+    """One decoder layer per block (Q-VLM's blocks come from its partition)."""
     return [[i] for i in range(n_layers)]
+
+
+def qvlm_partition(ctx: JobContext, stats: list[dict[str, Any]], n_layers: int) -> dict[str, Any]:
+    """Merge the capture's per-layer entropy counts over sample groups and partition on them."""
+    from ..quant.entropy import EntropyAccumulator, EntropyProfile
+    from ..quant.partition import partition, quantile_threshold
+
+    r = ctx.recipe
+    if r.partition == "fixed":
+        blocks = partition([0.0] * n_layers, r.p, r.max_block_layers, "fixed")
+        return {"mode": "fixed", "blocks": blocks, "scores": [0.0] * n_layers, "tau": None}
+    per_layer: dict[int, Any] = {}
+    for s in stats:
+        if "entropy" in s and s.get("layer", -1) >= 0:
+            acc = EntropyAccumulator.from_dict(s["entropy"])
+            per_layer[s["layer"]] = acc if s["layer"] not in per_layer else per_layer[s["layer"]].merge(acc)
+    missing = [i for i in range(n_layers) if i not in per_layer]
+    if missing:
+        raise RuntimeError(f"entropy counts missing for layers {missing[:5]}")
+    profile = EntropyProfile.from_accumulators([per_layer[i] for i in range(n_layers)])
+    scores = profile.scores(r.partition)
+    return {"mode": r.partition, "p": r.p, "max_block_layers": r.max_block_layers,
+            "tau": quantile_threshold(scores, r.p), "scores": scores,
+            "entropies": profile.entropies(), "dependencies": profile.dependencies(),
+            "blocks": partition(scores, r.p, r.max_block_layers, r.partition)}
 
 
 def finished_blocks(ctx: JobContext, blocks: list[list[int]] | None) -> set[int]:
@@ -53,7 +80,14 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
 
     method = ctx.recipe.method
     work = Path(ctx.work_dir)
+    qvlm = method.startswith("qvlm")
+    saved_part = work / PARTITION_FILE
+    known_part = json.loads(saved_part.read_text()) if resuming and qvlm and saved_part.is_file() else None
     early = plan_blocks(n_layers, method) if method in OVERLAP_METHODS else None
+    if qvlm and ctx.recipe.partition == "fixed" and method == "qvlm":
+        early = qvlm_partition(ctx, [], n_layers)["blocks"]  # known up front: search overlaps capture
+    if known_part is not None:
+        early = known_part["blocks"] if method == "qvlm" else None
     extras: dict[str, Any] = {}
     saved_sens = work / SENSITIVITY_FILE
     known = json.loads(saved_sens.read_text()) if resuming and saved_sens.is_file() else None
@@ -71,8 +105,16 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
                 save_json(saved_sens, {"ratios": sens, "unfloored": ratios(merged, "none"),
                                        "floor": ctx.recipe.sensitivity_floor})
             view.info("MBQ sensitivity r_attn " + " ".join(f"{v['r_attn']:.2f}" for v in sens.values()))
+        if qvlm:
+            part = known_part or qvlm_partition(ctx, stats, n_layers)
+            save_json(saved_part, part)
+            view.info(f"Q-VLM partition ({part['mode']}): {len(part['blocks'])} blocks "
+                      + " ".join("-".join(map(str, (b[0], b[-1]))) if len(b) > 1 else str(b[0]) for b in part["blocks"]))
+            return part["blocks"], sens
         return early or plan_blocks(n_layers, method), sens
 
+    need_entropy = qvlm and known_part is None and ctx.recipe.partition != "fixed"
+    ctx = dataclasses.replace(ctx, options={**ctx.options, "entropy": need_entropy})
     done = finished_blocks(ctx, early) if resuming else set()
     if done:
         view.info(f"resume: {len(done)} blocks already done")
@@ -81,6 +123,8 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
                           known_sensitivity=known is not None)
     if saved_sens.is_file():
         extras["sensitivity"] = json.loads(saved_sens.read_text())
+    if qvlm and saved_part.is_file():
+        extras["partition"] = json.loads(saved_part.read_text())
     extras["resumed_blocks"] = sorted(done)
     return summaries, extras
 
@@ -163,6 +207,9 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
             "quantized_linears_before": linear_bytes,
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        from ..evaluate.job_report import render
+
+        render(report, staging / "report")  # report/report.md + plots, hashed with the rest
 
     recipe_info = dict(vars(ctx.recipe))
     recipe_info["label"] = ctx.recipe.label

@@ -90,27 +90,50 @@ class WavefrontWorker:
                 tokens += h.shape[0]
         return {"group": self.group, "layer": -1, "tokens": tokens, "seconds": time.perf_counter() - t0}
 
+    def _entropy_acc(self) -> Any:
+        """Q-VLM: an accumulator for this layer's input entropy and its dependency on the next."""
+        if not self.ctx.options.get("entropy"):  # set by the driver while the partition is unknown
+            return None
+        from ..quant.entropy import EntropyAccumulator
+
+        abits = self.ctx.recipe.abits
+        return EntropyAccumulator(bits=abits if abits < 16 else 8)
+
+    def _rows(self, layer: int):
+        for chunk in self.store.iter_layer(layer):
+            yield from chunk
+
     @torch.no_grad()
-    def forward(self, i: int, entropy: bool = False) -> dict[str, Any]:
-        """Stream ``i`` through layer ``i`` into stream ``i + 1``."""
+    def forward(self, i: int) -> dict[str, Any]:
+        """Stream ``i`` through layer ``i`` into stream ``i + 1`` (Q-VLM: counting entropy on the way)."""
         from ..models.loading import build_layers
         from ..quant.types import layer_forward
 
+        acc = self._entropy_acc()
         last = i == self.n_layers - 1
-        if last and not needs_last_stream(self.ctx.recipe.method):
-            return {"group": self.group, "layer": i, "skipped": True}
-        if self.store.is_complete(i + 1):
-            return {"group": self.group, "layer": i, "skipped": True}
+        no_output = last and not needs_last_stream(self.ctx.recipe.method)
+        done = self.store.is_complete(i + 1)
+        if no_output or done:
+            if acc is not None:  # the streams alone give the counts: no layer needed
+                nxt = self._rows(i + 1) if done else None
+                for sid, h in self._rows(i):
+                    h_next = next(nxt)[1] if nxt is not None else None
+                    acc.update(h.to(self.device), None if h_next is None else h_next.to(self.device))
+            return {"group": self.group, "layer": i, "skipped": True,
+                    **({"entropy": acc.to_dict()} if acc is not None else {})}
         t0 = time.perf_counter()
         (layer,) = build_layers(self.source, self.adapter, [i], dtype=self.dtype, device=self.device)
         t1 = time.perf_counter()
         with self.store.writer(i + 1) as w:
-            for chunk in self.store.iter_layer(i):
-                for sid, h in chunk:
-                    out = layer_forward(layer, h.to(self.device), self._layer_kwargs(sid))
-                    w.append(sid, out.to("cpu"))
+            for sid, h in self._rows(i):
+                h = h.to(self.device)
+                out = layer_forward(layer, h, self._layer_kwargs(sid))
+                if acc is not None:
+                    acc.update(h, out)
+                w.append(sid, out.to("cpu"))
         del layer
-        return {"group": self.group, "layer": i, "load_s": t1 - t0, "seconds": time.perf_counter() - t0}
+        return {"group": self.group, "layer": i, "load_s": t1 - t0, "seconds": time.perf_counter() - t0,
+                **({"entropy": acc.to_dict()} if acc is not None else {})}
 
     # -- MBQ gradient pass -----------------------------------------------------------------
 
