@@ -44,3 +44,30 @@ def test_w4a8(ray_local, tiny_dirs, tmp_path, family, method):
     assert group["weights"]["symmetric"] and group["weights"]["strategy"] == "channel"
     acts = group["input_activations"]
     assert acts["num_bits"] == 8 and acts["dynamic"] and acts["strategy"] == "token"
+
+
+@pytest.mark.parametrize("family,method", [("llava", "qvlm"), ("qwen2_vl", "qvlm+mbq")])
+def test_qvlm_jobs_validate_and_round_within_floor_ceil(ray_local, tiny_dirs, tmp_path, family, method):
+    """Issue 5: qvlm and qvlm+mbq checkpoints pass validate; the partition is recorded; every
+    code on disk stays within {floor, ceil} of W/scale (qvlm: against the source weights, since
+    it starts from RTN scales and only learns the rounding)."""
+    import torch
+
+    from pipeline.checkpoint.loader import iter_quantized
+    from pipeline.models.weights import open_source
+
+    res = _job(tiny_dirs[family], tmp_path / "out", method=method, wbits=3, group_size=32, iters=20,
+               max_block_layers=2)
+    assert res.report["validation"]["ok"]
+    part = res.report["partition"]
+    assert sorted(i for b in part["blocks"] for i in b) == list(range(len(part["scores"])))
+    assert len(res.report["blocks"]) == len(part["blocks"])
+    if method == "qvlm":
+        src = open_source(tiny_dirs[family])
+        for name, qw, _ in iter_quantized(res.out):
+            w = src.get(f"{name}.weight").float().reshape(qw.qweight.shape[0], -1, 32)
+            x = w / qw.scale.float().unsqueeze(-1) + qw.zero.float().unsqueeze(-1)
+            q = qw.qweight.float().reshape(x.shape)
+            lo = torch.floor(x).clamp(0, 7)
+            hi = torch.ceil(x).clamp(0, 7)
+            assert ((q == lo) | (q == hi)).all(), name
