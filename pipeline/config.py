@@ -58,7 +58,10 @@ class QuantRecipe:
     iters: int = 200
     lr: float = 1e-2  # 1e-3 (AdaRound's) at 200 iterations can end worse than RTN end to end
     batch_size: int = 4
-    veo: bool = False
+    veo: bool = False  # Q-VLM visual-encoder optimization (off: the ablation shows no held-out gain)
+    veo_steps: int = 50
+    veo_eta: float = 0.001
+    veo_samples: int = 16
 
     @property
     def label(self) -> str:
@@ -239,7 +242,9 @@ def validate_spec(spec: JobSpec, explicit: dict[str, Any] | None = None) -> None
     _choice(r.partition, ("entropy", "dependency", "fixed"), "--partition")
     if not 0.0 <= r.p <= 1.0:
         raise VlmqError(f"--p must be a quantile in [0, 1], got {r.p}")
-    for name in ("max_block_layers", "iters", "batch_size", "grid"):
+    if r.veo and not r.method.startswith("qvlm"):
+        raise VlmqError("--veo is part of Q-VLM", "use --method qvlm or qvlm+mbq, or drop --veo")
+    for name in ("max_block_layers", "iters", "batch_size", "grid", "veo_steps", "veo_samples"):
         if getattr(r, name) < 1:
             raise VlmqError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(r, name)}")
     if r.lr <= 0:

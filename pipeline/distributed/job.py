@@ -7,6 +7,7 @@ write part files, and the gather reads part files only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -133,7 +134,12 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             options={"fault": fault_from_env(), "groups": max(1, ray_ctx.num_gpus)},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
-        from .stages import capture_and_search, gather, reference
+        from .stages import capture_and_search, gather, reference, run_veo
+
+        if spec.recipe.veo:
+            with _stage(stages, "veo"):
+                overlay = run_veo(ctx, ray_ctx, table_path, view)
+            ctx = dataclasses.replace(ctx, options={**ctx.options, "overlay": overlay})
 
         with _stage(stages, "capture + search"):
             summaries, extras = capture_and_search(ctx, ray_ctx, table_path, data_report["calibration_rows"],

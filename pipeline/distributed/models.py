@@ -76,3 +76,17 @@ def open_model_source(ref: str, allow_pickle: bool = False, device: str | None =
     from ..models.weights import open_source
 
     return open_source(ref, allow_pickle=allow_pickle)
+
+
+def job_source(ctx, device: str | None = None) -> WeightSource:
+    """The job's model as every worker sees it: with Q-VLM's visual-encoder optimization, the
+    tuned projector tensors overlay the source's (``ctx.options["overlay"]``, a safetensors file)."""
+    base = open_model_source(ctx.model, ctx.allow_pickle, device)
+    overlay = ctx.options.get("overlay")
+    if not overlay:
+        return base
+    from safetensors.torch import load_file
+
+    from ..evaluate.streamed import OverlaySource
+
+    return OverlaySource(base, {}, load_file(overlay))

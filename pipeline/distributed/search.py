@@ -49,13 +49,13 @@ def search_block(ctx: JobContext, block_id: int, layer_ids: list[int],
     from ..checkpoint.parts import write_part
     from ..models import ADAPTERS
     from ..models.loading import build_layers
-    from .models import open_model_source
+    from .models import job_source
 
     maybe_fail(ctx.options.get("fault"), "search", block_id, ctx.work_dir)
     t0 = time.perf_counter()
     device = worker_device()
     adapter = ADAPTERS[ctx.family]
-    source = open_model_source(ctx.model, ctx.allow_pickle)
+    source = job_source(ctx)
     layers = build_layers(source, adapter, layer_ids, dtype=ctx.torch_compute_dtype, device=device)
     method = ctx.recipe.method
     calib = load_block_calib(ctx, layer_ids[0], sensitivity) if needs_calibration(method) else None

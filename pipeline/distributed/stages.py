@@ -141,10 +141,10 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_refe
     from ..evaluate.fidelity import logit_fidelity, merge_fidelity, prediction_masks
     from ..evaluate.streamed import OverlaySource, act_quant_hook, collect, streamed_logits
     from ..models import ADAPTERS
-    from .models import open_model_source
+    from .models import job_source
 
     adapter = ADAPTERS[ctx.family]
-    source = open_model_source(ctx.model, ctx.allow_pickle)
+    source = job_source(ctx)
     table = load_table(holdout_path)
     inputs = [row_to_model_inputs(table, r) for r in range(table.num_rows)]
     masks = []
@@ -161,6 +161,64 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_refe
     return {"fidelity": fidelity, "inputs": inputs[:n_reference],
             "ref_logits": [x.unsqueeze(0) for x in q[:n_reference]],
             "ref_fp_logits": [x.unsqueeze(0) for x in fp[:n_reference]]}
+
+
+def _veo_task(ctx: JobContext, table_path: str, out_path: str) -> dict[str, Any]:
+    """Q-VLM's visual-encoder optimization against an RTN fake-quant LLM (cheap), before capture,
+    so the capture, the partition and the search all see the tuned projector. Holds the fp and
+    the fake-quant model together: for models that fit one device."""
+    from safetensors.torch import save_file
+
+    from ..data.collate import load_table, row_labels, row_masks, row_to_model_inputs
+    from ..evaluate.streamed import to_device
+    from ..models import ADAPTERS
+    from ..models.loading import build_model
+    from ..quant.apply import apply_fake_quant
+    from ..quant.rtn import search_rtn
+    from ..quant.types import SearchSettings
+    from ..quant.veo import optimize_projector
+    from .models import open_model_source
+    from .search import recipe_scheme
+
+    adapter = ADAPTERS[ctx.family]
+    device, dtype = worker_device(), ctx.torch_compute_dtype
+    source = open_model_source(ctx.model, ctx.allow_pickle)
+    fp = build_model(source, adapter, dtype=dtype, device=device)
+    q = build_model(source, adapter, dtype=dtype, device=device)
+    layers = q.get_submodule(adapter.layers_path)
+    rtn = search_rtn(list(layers), list(range(len(layers))), None,
+                     SearchSettings(recipe_scheme(ctx), adapter.linear_groups, ctx.torch_storage_dtype))
+    apply_fake_quant(q, {f"{adapter.layers_path}.{k}": v for k, v in rtn.quantized.items()}, {}, ctx.recipe.abits)
+    table = load_table(table_path)
+    inputs = []
+    for r in range(min(table.num_rows, ctx.recipe.veo_samples)):
+        inp = to_device(row_to_model_inputs(table, r), device, dtype)
+        inp["labels"] = row_labels(table, r).to(device)
+        inp["vision_mask"] = row_masks(table, r)["vision_mask"].to(device)
+        inputs.append(inp)
+    new, log = optimize_projector(fp, q, inputs, adapter.projector_path, adapter.layers_path,
+                                  {"steps": ctx.recipe.veo_steps, "eta": ctx.recipe.veo_eta})
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in new.items()}, out_path)
+    return {k: v for k, v in log.items() if not isinstance(v, list)}
+
+
+def run_veo(ctx: JobContext, ray_ctx: RayContext, table_path: str, view: JobView) -> str:
+    """Tune the projector once (kept across --resume); returns the overlay file."""
+    import ray
+
+    out = Path(ctx.work_dir) / "veo_projector.safetensors"
+    if not out.is_file():
+        view.info(f"visual-encoder optimization: {ctx.recipe.veo_steps} steps on {ctx.recipe.veo_samples} samples")
+        task = ray.remote(max_retries=MAX_RETRIES, **_placement(ray_ctx))(_veo_task)
+        log = ray.get(task.remote(ctx, table_path, str(out)))
+        save_json_file(Path(ctx.work_dir) / "veo.json", log)
+    return str(out)
+
+
+def save_json_file(path: Path, obj: Any) -> None:
+    from .wavefront import save_json
+
+    save_json(path, obj)
 
 
 def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: JobView) -> dict[str, Any]:
@@ -213,8 +271,13 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
 
     recipe_info = dict(vars(ctx.recipe))
     recipe_info["label"] = ctx.recipe.label
+    overlay = None
+    if ctx.options.get("overlay"):  # VEO's tuned projector goes into the checkpoint
+        from safetensors.torch import load_file
+
+        overlay = load_file(ctx.options["overlay"])
     return write_checkpoint(
-        spec.out, source, parts, recipe_info=recipe_info,
+        spec.out, source, parts, replaced=overlay, recipe_info=recipe_info,
         act_bits=ctx.recipe.abits if ctx.recipe.abits < 16 else None,
         stage_hook=stage_hook, overwrite=spec.overwrite or spec.resume,
     )

@@ -45,13 +45,13 @@ class WavefrontWorker:
     def __init__(self, ctx: JobContext, group: int, n_groups: int, table_path: str, rows: list[int]):
         from ..data.store import ActivationStore
         from ..models import ADAPTERS
-        from .models import open_model_source
+        from .models import job_source
 
         self.ctx, self.group, self.table_path, self.rows = ctx, group, table_path, rows
         self.device = worker_device()
         self.dtype = ctx.torch_compute_dtype
         self.adapter = ADAPTERS[ctx.family]
-        self.source = open_model_source(ctx.model, ctx.allow_pickle)
+        self.source = job_source(ctx)
         budget = ctx.store_max_bytes // n_groups if ctx.store_max_bytes else None
         self.store = ActivationStore(group_root(ctx.store_root, group), max_bytes=budget)
         self.n_layers = _num_layers(self.source.config_dict, self.adapter)
