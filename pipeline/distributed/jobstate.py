@@ -98,7 +98,7 @@ def prepare_work_dir(spec: JobSpec, model_ref: str) -> bool:
         if spec.resume:
             if old.get("fingerprint") != fp:
                 raise VlmqError(
-                    f"--resume refused: {work} holds a job whose {_describe_change(old['fingerprint'], fp)} differs",
+                    f"--resume refused: {work} holds a job with different {_describe_change(old['fingerprint'], fp)}",
                     "resume with the original settings, or start over with --overwrite (or another --out)",
                 )
             return True

@@ -57,9 +57,14 @@ def test_ray_job_submit_runs_a_quantize_job(ray_head, tiny_dirs, tmp_path):
     job.write_text(f"model: {tiny_dirs['llava']}\nout: {out}\ncalib:\n  num_samples: 2\n  holdout: 1\n"
                    "recipe:\n  method: awq\n  wbits: 4\n  group_size: 64\nresources:\n  device: cpu\n")
     ray_bin = Path(sys.executable).parent / "ray"
-    proc = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                           "--", sys.executable, "-m", "pipeline.cli", "quantize", str(job)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up some seconds after `ray start` returns
+        proc = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                               "--", sys.executable, "-m", "pipeline.cli", "quantize", str(job)],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        if "No available agent" not in proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "succeeded" in proc.stdout.lower()
     report = json.loads((out / "report.json").read_text())
