@@ -34,6 +34,24 @@ RECIPES = [
 ]
 
 
+# issue 5's ablation: each Q-VLM part added in turn, next to AWQ and MBQ (same bits)
+QVLM_ABLATION = [
+    ("fp", None),
+    ("AWQ W3 g128", dict(method="awq", wbits=3, group_size=128)),
+    ("MBQ W3 g128", dict(method="mbq", wbits=3, group_size=128)),
+    ("Q-VLM W3 fixed blocks", dict(method="qvlm", wbits=3, group_size=128, partition="fixed")),
+    ("Q-VLM W3 + entropy partition", dict(method="qvlm", wbits=3, group_size=128, partition="entropy")),
+    ("Q-VLM W3 + dependency partition", dict(method="qvlm", wbits=3, group_size=128, partition="dependency")),
+    ("Q-VLM W3 + entropy + VEO", dict(method="qvlm", wbits=3, group_size=128, partition="entropy", veo=True)),
+    ("Q-VLM+MBQ W3 (entropy)", dict(method="qvlm+mbq", wbits=3, group_size=128, partition="entropy")),
+    ("AWQ W4A8", dict(method="awq", wbits=4, abits=8)),
+    ("MBQ W4A8", dict(method="mbq", wbits=4, abits=8)),
+    ("Q-VLM W4A8 fixed blocks", dict(method="qvlm", wbits=4, abits=8, partition="fixed")),
+    ("Q-VLM W4A8 + entropy partition", dict(method="qvlm", wbits=4, abits=8, partition="entropy")),
+    ("Q-VLM+MBQ W4A8 (entropy)", dict(method="qvlm+mbq", wbits=4, abits=8, partition="entropy")),
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/methods/results")
@@ -41,6 +59,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--models", nargs="+", default=["builtin", "builtin-outlier"])
     ap.add_argument("--quick", action="store_true", help="a few recipes only")
+    ap.add_argument("--ablation", choices=("methods", "qvlm"), default="methods",
+                    help="methods: RTN/AWQ/MBQ/SmoothQuant variants; qvlm: issue 5's Q-VLM ablation")
     args = ap.parse_args()
 
     import ray
@@ -63,7 +83,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     test = synthetic.generate("test", args.n, seed=0)
-    recipes = RECIPES[:5] + RECIPES[8:9] if args.quick else RECIPES
+    recipes = QVLM_ABLATION if args.ablation == "qvlm" else RECIPES
+    if args.quick:
+        recipes = recipes[:6]
     rows = []
     for model in args.models:
         ref = resolve_model(model, out)
@@ -82,22 +104,25 @@ def main() -> None:
                 fid = res.report["fidelity"]["answer"]
                 m = load_quantized_model(res.out, dtype=torch.float32)
             acc = teacher_forced_accuracy(m, processor, test, batch_size=100)
+            stages = res.report["stages_s"] if recipe is not None else {}
             row = {"model": model, "recipe": label, "accuracy": acc["accuracy"], "per_skill": acc["per_skill"],
-                   "kl": fid.get("kl"), "top1": fid.get("top1"), "seconds": time.perf_counter() - t0}
+                   "kl": fid.get("kl"), "top1": fid.get("top1"), "seconds": time.perf_counter() - t0,
+                   "search_s": stages.get("capture + search"), "veo_s": stages.get("veo")}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_skill"}), flush=True)
-            (out / "accuracy_table.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| recipe | " + " | ".join(f"{m} acc | {m} KL | {m} top-1" for m in args.models) + " |",
-             "|---|" + "---|---|---|" * len(args.models)]
+            (out / f"{args.ablation}_table.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| recipe | " + " | ".join(f"{m} acc % | {m} KL | {m} top-1 % | capture+search s" for m in args.models)
+             + " |", "|---|" + "---|---|---|---|" * len(args.models)]
     for label, _ in recipes:
         cells = []
         for model in args.models:
             r = next(x for x in rows if x["model"] == model and x["recipe"] == label)
             kl = "—" if r["kl"] is None else f"{r['kl']:.4f}"
             t1 = "—" if r["top1"] is None else f"{100 * r['top1']:.1f}"
-            cells.append(f"{100 * r['accuracy']:.1f} | {kl} | {t1}")
+            ts = "—" if r.get("search_s") is None else f"{r['search_s']:.0f}"
+            cells.append(f"{100 * r['accuracy']:.1f} | {kl} | {t1} | {ts}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    (out / "accuracy_table.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.ablation}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
