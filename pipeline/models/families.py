@@ -10,6 +10,8 @@ legacy layout back (LLaVA-style models write ``language_model.model.layers...``;
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import LLAMA_LIKE_GROUPS, VLMAdapter
 
 # LLaVA, LLaVA-OneVision and InternVL share the llava layout (conversion_mapping: "llava"/"llava_next").
@@ -85,22 +87,13 @@ QWEN2_VL = VLMAdapter(
     extra={"mrope": True},
 )
 
-QWEN2_5_VL = VLMAdapter(
+# Qwen2.5-VL's language side is Qwen2-VL's; only the classes (and the vision tower inside) differ.
+QWEN2_5_VL = dataclasses.replace(
+    QWEN2_VL,
     family="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
     model_class="Qwen2_5_VLForConditionalGeneration",
     processor_class="Qwen2_5_VLProcessor",
-    layers_path=f"{_LM}.layers",
-    language_model_path=_LM,
-    embed_path=f"{_LM}.embed_tokens",
-    final_norm_path=f"{_LM}.norm",
-    lm_head_path="lm_head",
-    vision_paths=("model.visual",),
-    projector_path="model.visual.merger",
-    image_token_attr="image_token_id",
-    linear_groups=LLAMA_LIKE_GROUPS,
-    checkpoint_key_rules=QWEN_VL_RULES,
-    extra={"mrope": True},
 )
 
 INTERNVL = VLMAdapter(
