@@ -29,11 +29,15 @@ def ray_head(tmp_path):
     also stop every other Ray instance on the machine)."""
     ray_bin = Path(sys.executable).parent / "ray"
     temp = Path("/tmp") / f"vlmq-rayhead-{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, metrics, renv = (_free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                            # every agent port explicit: another Ray instance on the machine (the
+                            # test session's own) already holds the defaults
+                            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}",
                             f"--temp-dir={temp}", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
