@@ -105,6 +105,7 @@ class CaptureAndSearch:
                 calls[prev] = (g, i)
             last_ref[g] = prev
         left = {i: n_groups for i in range(-1, n_layers)}  # capture calls left per layer
+        at = [-1] * n_groups  # the layer each group has passed: the live view's per-group position
         search_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False,
                                  **placement(self.ray_ctx))(self.search_fn)
         st = {"blocks": early_blocks, "sensitivity": None, "phase_done": False}
@@ -149,10 +150,11 @@ class CaptureAndSearch:
                 ready, _ = ray.wait(pending, num_returns=1, timeout=1.0)
                 for ref in ready:
                     if ref in calls:
-                        _g, i = calls.pop(ref)
+                        g, i = calls.pop(ref)
                         self.capture_stats.append(ray.get(ref))
                         left[i] -= 1
-                        cap_adv(1, note=f"layer {i + 1}/{n_layers}")
+                        at[g] = max(at[g], i + 1)
+                        cap_adv(1, note="groups at layer " + ",".join(map(str, at)) + f" of {n_layers}")
                         if left[i] == 0:
                             if i >= 0:
                                 passed.add(i)
@@ -173,9 +175,10 @@ class CaptureAndSearch:
                 if now - last_note > 30:
                     last_note = now
                     blocks = st["blocks"]
-                    self.view.info(f"status: {len(self.done_blocks)}/{len(blocks) if blocks else '?'} blocks done, "
-                                   f"{len(running)} running, capture calls left {len(calls)}, "
-                                   f"store {self.store_bytes() / 2**30:.2f} GiB, {now - t0:.0f}s")
+                    cap = (f"capture groups at layer {','.join(map(str, at))} of {n_layers}, " if calls else "")
+                    self.view.info(f"status: {cap}{len(self.done_blocks)}/{len(blocks) if blocks else '?'} blocks "
+                                   f"done, {len(running)} running, store {self.store_bytes() / 2**30:.2f} GiB, "
+                                   f"{now - t0:.0f}s")
         if capture:
             self._delete_unneeded(passed | set(range(n_layers + 1)), st["blocks"], True)
         self.blocks = st["blocks"]
