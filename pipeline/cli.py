@@ -156,7 +156,8 @@ def cmd_validate(ns: argparse.Namespace) -> int:
 def cmd_plan(ns: argparse.Namespace) -> int:
     from .distributed.planner import format_plan, plan_from_model
 
-    plan = plan_from_model(ns.model, n_gpus=ns.gpus, gpu_mem_gib=ns.gpu_mem, dtype=ns.dtype)
+    plan = plan_from_model(ns.model, n_gpus=ns.gpus, gpu_mem_gib=ns.gpu_mem, dtype=ns.dtype,
+                           tokens=ns.samples * ns.tokens_per_sample)
     print(format_plan(plan))
     return 0
 
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus", type=int, default=1)
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     pl.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
+    pl.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    pl.add_argument("--tokens-per-sample", type=int, default=700, help="average sample length (default 700)")
     pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="quantize the built-in VLM on CPU and show accuracy before/after")

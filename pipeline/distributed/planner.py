@@ -21,6 +21,8 @@ class ShardPlan:
     headroom_bytes: int  # per GPU, left for activations and the search working set
     gpu_bytes: int
     extras: dict[str, int] = field(default_factory=dict)
+    fits: bool = True
+    worker: dict[str, int] = field(default_factory=dict)  # vlmq's own per-worker peaks (layer-streamed)
 
     @property
     def peak_bytes(self) -> list[int]:
@@ -28,7 +30,7 @@ class ShardPlan:
 
 
 def plan_shards(layer_bytes: list[int], n_gpus: int, gpu_bytes: int, first_extra: int = 0,
-                last_extra: int = 0, headroom_frac: float = 0.2) -> ShardPlan:
+                last_extra: int = 0, headroom_frac: float = 0.2, strict: bool = True) -> ShardPlan:
     """Split layers into at most ``n_gpus`` contiguous ranges minimizing the largest shard.
 
     Binary search on the capacity, then a greedy fill: optimal for contiguous partitions.
@@ -67,6 +69,8 @@ def plan_shards(layer_bytes: list[int], n_gpus: int, gpu_bytes: int, first_extra
     for k, (a, b) in enumerate(ranges):
         s = sum(layer_bytes[a:b]) + (first_extra if k == 0 else 0) + (last_extra if b == n else 0)
         shard_bytes.append(s)
+    if max(shard_bytes) > cap_limit and not strict:
+        return ShardPlan(ranges, shard_bytes, list(layer_bytes), headroom, gpu_bytes, fits=False)
     if max(shard_bytes) > cap_limit:
         need = max(shard_bytes) / (1 - headroom_frac) / GIB
         raise VlmqError(
@@ -77,7 +81,22 @@ def plan_shards(layer_bytes: list[int], n_gpus: int, gpu_bytes: int, first_extra
     return ShardPlan(ranges, shard_bytes, list(layer_bytes), headroom, gpu_bytes)
 
 
-def plan_from_model(model: str, n_gpus: int, gpu_mem_gib: float, dtype: str = "bfloat16") -> ShardPlan:
+def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], tokens: int,
+                 act_bytes: int = 2) -> dict[str, int]:
+    """What one vlmq worker holds at its peak (the capture and search hold one decoder layer):
+    capture = head + one layer + one sample's activations; search = one layer + the inputs of its
+    Linear groups for every calibration token (q/k/v, o, gate/up: hidden wide; down: intermediate)."""
+    text = config.get("text_config") or config
+    hidden, inter = int(text["hidden_size"]), int(text.get("intermediate_size", 4 * int(text["hidden_size"])))
+    layer = max(layer_bytes)
+    head = sum(other.values())
+    group_inputs = tokens * (3 * hidden + inter) * act_bytes
+    return {"head": head, "layer": layer, "capture": head + layer + 4 * 2048 * hidden * act_bytes,
+            "search": layer + group_inputs, "tokens": tokens}
+
+
+def plan_from_model(model: str, n_gpus: int, gpu_mem_gib: float, dtype: str = "bfloat16",
+                    tokens: int = 128 * 700) -> ShardPlan:
     import json
     from pathlib import Path
 
@@ -99,15 +118,28 @@ def plan_from_model(model: str, n_gpus: int, gpu_mem_gib: float, dtype: str = "b
     est = estimate_memory(config, adapter, getattr(torch, dtype))
     first = sum(v for k, v in est.other_bytes.items() if k != "lm_head")
     plan = plan_shards(est.layer_bytes, n_gpus, int(gpu_mem_gib * GIB), first_extra=first,
-                       last_extra=est.other_bytes.get("lm_head", 0))
+                       last_extra=est.other_bytes.get("lm_head", 0), strict=False)
     plan.extras = dict(est.other_bytes)
+    plan.worker = worker_peaks(config, est.layer_bytes, est.other_bytes, tokens)
     return plan
 
 
 def format_plan(plan: ShardPlan) -> str:
+    w = plan.worker
     lines = [f"{len(plan.layer_bytes)} decoder layers, {plan.layer_bytes[0] / GIB:.2f} GiB each (first); "
-             f"other parts: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.extras.items()),
-             f"{'shard':>5}  {'layers':>9}  {'weights GiB':>11}  {'peak GiB':>8}  (of {plan.gpu_bytes / GIB:.0f} GiB)"]
-    for k, ((a, b), w, p) in enumerate(zip(plan.ranges, plan.shard_bytes, plan.peak_bytes)):
-        lines.append(f"{k:>5}  {a:>4}-{b - 1:<4}  {w / GIB:>11.2f}  {p / GIB:>8.2f}")
+             f"other parts: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.extras.items() if v)]
+    if w:
+        need = max(w["capture"], w["search"])
+        verdict = "fits" if need <= plan.gpu_bytes * 0.9 else "does NOT fit"
+        lines += ["", "vlmq quantize (one decoder layer resident per worker, any number of GPUs):",
+                  f"  capture worker peak ~ {w['capture'] / GIB:.1f} GiB (head {w['head'] / GIB:.1f} + one layer "
+                  f"{w['layer'] / GIB:.2f} + one sample's activations)",
+                  f"  search worker peak  ~ {w['search'] / GIB:.1f} GiB (one layer + its group inputs for "
+                  f"{w['tokens']} calibration tokens)",
+                  f"  -> {verdict} a {plan.gpu_bytes / GIB:.0f} GiB GPU; more GPUs divide the work, not the memory"]
+    lines += ["", f"layer-range shards over {len(plan.ranges)} GPU(s) (how the weights split for serving"
+              + ("" if plan.fits else "; they do NOT fit at this size") + "):",
+              f"{'shard':>5}  {'layers':>9}  {'weights GiB':>11}  {'peak GiB':>8}  (of {plan.gpu_bytes / GIB:.0f} GiB)"]
+    for k, ((a, b), wb, p) in enumerate(zip(plan.ranges, plan.shard_bytes, plan.peak_bytes)):
+        lines.append(f"{k:>5}  {a:>4}-{b - 1:<4}  {wb / GIB:>11.2f}  {p / GIB:>8.2f}")
     return "\n".join(lines)
