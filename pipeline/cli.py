@@ -148,7 +148,8 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 def cmd_validate(ns: argparse.Namespace) -> int:
     from .checkpoint.validate import format_report, validate_checkpoint
 
-    report = validate_checkpoint(ns.dir, n_samples=ns.samples, backend=ns.backend)
+    report = validate_checkpoint(ns.dir, n_samples=ns.samples, backend=ns.backend, device=ns.device,
+                                 stream=ns.stream)
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=int, default=4, help="held-out samples to re-run (default 4)")
     v.add_argument("--backend", choices=("fake", "triton"), default="fake",
                    help="fake: dequantized weights (reference); triton: vlmq's packed kernels")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    v.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-run one decoder layer at a time (default: automatic above 4 GiB)")
     v.set_defaults(func=cmd_validate)
 
     pl = sub.add_parser("plan", help="per-layer memory and a shard plan, from config.json alone",

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .layout import SCALE_DTYPES, expected_layout, is_ignored, resolve_schemes, st_dtype
+from .layout import SCALE_DTYPES, act_bits_of, expected_layout, is_ignored, resolve_schemes, st_dtype
 from .loader import config_dtype, empty_model, load_quantized_model, quantized_modules, read_config, weight_map
 from .reference import read_reference
 from .writer import MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
@@ -171,7 +171,32 @@ def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
     return {n: names - {n} for names in by_id.values() for n in names}
 
 
-def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: float | None) -> CheckResult:
+STREAM_ABOVE_BYTES = 4 * 2**30  # larger checkpoints are re-run one decoder layer at a time
+
+
+def _checkpoint_logits(ckpt_dir: Path, inputs: list, backend: str, device: str, model_dtype: torch.dtype,
+                       stream: bool) -> list[torch.Tensor]:
+    """The reloaded checkpoint's logits on the reference inputs: the whole model, or (``stream``)
+    one decoder layer resident at a time, so a 72B checkpoint validates on one GPU."""
+    if stream:
+        from ..evaluate.streamed import act_quant_hook, streamed_logits
+        from ..models import detect_adapter
+        from .source import CheckpointSource
+
+        src = CheckpointSource(ckpt_dir)
+        return streamed_logits(src, detect_adapter(src.config_dict), inputs, model_dtype, device,
+                               layer_hook=act_quant_hook(act_bits_of(src.qconfig)))
+    model = load_quantized_model(ckpt_dir, backend=backend, dtype=model_dtype, device=device)
+    outs = []
+    with torch.no_grad():
+        for inp in inputs:
+            moved = {k: v.to(device, model_dtype) if v.is_floating_point() else v.to(device) for k, v in inp.items()}
+            outs.append(model(**moved, use_cache=False).logits.float().cpu())
+    return outs
+
+
+def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: float | None,
+             stream: bool | None = None) -> CheckResult:
     ref = read_reference(ckpt_dir)
     if ref is None:
         return CheckResult("outputs", "skip", "no validation/reference.safetensors: outputs not compared")
@@ -182,25 +207,27 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
         # vlmq's kernels take 16-bit activations (fp32 ones are cast down): judge them at fp16 rounding
         dt = torch.float16 if backend == "triton" and model_dtype == torch.float32 else model_dtype
         rtol = DEFAULT_RTOL.get(dt, 1e-2)
-    model = load_quantized_model(ckpt_dir, backend=backend, dtype=model_dtype, device=device)
+    if stream is None:
+        from .source import checkpoint_bytes
+
+        stream = backend == "fake" and checkpoint_bytes(ckpt_dir) > STREAM_ABOVE_BYTES
+    if stream and backend != "fake":
+        return CheckResult("outputs", "fail", "the layer-streamed check runs the fake-quant reference path only")
     worst_rel, worst_abs, agree, total = 0.0, 0.0, 0, 0
     outs = []
-    with torch.no_grad():
-        for inp, ref_l in zip(inputs, ref_logits):
-            moved = {k: v.to(device, model_dtype) if v.is_floating_point() else v.to(device) for k, v in inp.items()}
-            out = model(**moved, use_cache=False).logits.float().cpu()
-            ref_f = ref_l.float()
-            if out.numel() != ref_f.numel():
-                return CheckResult("outputs", "fail", f"logits shape {tuple(out.shape)} != reference {tuple(ref_f.shape)}")
-            out = out.reshape(ref_f.shape)  # a stored [T, V] reference against [1, T, V] logits
-            diff = (out - ref_f).abs().max().item()
-            worst_abs = max(worst_abs, diff)
-            worst_rel = max(worst_rel, diff / max(ref_f.abs().max().item(), 1e-12))
-            agree += (out.argmax(-1) == ref_f.argmax(-1)).sum().item()
-            total += out.shape[:-1].numel()
-            outs.append(out)
+    for out, ref_l in zip(_checkpoint_logits(ckpt_dir, inputs, backend, device, model_dtype, stream), ref_logits):
+        ref_f = ref_l.float()
+        if out.numel() != ref_f.numel():
+            return CheckResult("outputs", "fail", f"logits shape {tuple(out.shape)} != reference {tuple(ref_f.shape)}")
+        out = out.reshape(ref_f.shape)  # a stored [T, V] reference against [1, T, V] logits
+        diff = (out - ref_f).abs().max().item()
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / max(ref_f.abs().max().item(), 1e-12))
+        agree += (out.argmax(-1) == ref_f.argmax(-1)).sum().item()
+        total += out.shape[:-1].numel()
+        outs.append(out)
     nums = {"samples": len(inputs), "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "rtol": rtol,
-            "top1_agreement": agree / max(total, 1), "backend": backend}  # fmt: skip
+            "top1_agreement": agree / max(total, 1), "backend": backend, "streamed": stream}  # fmt: skip
     msg = f"{len(inputs)} samples, max |diff| {worst_abs:.3g} ({worst_rel:.3g} of max |logit|, tol {rtol:g}), top-1 agreement {agree / max(total, 1):.4f}"
     if ref.fp_logits is not None:
         kl, top1 = fidelity_vs_fp(outs, ref.fp_logits[: len(outs)])
@@ -233,10 +260,12 @@ def check_layout(ckpt_dir: str | os.PathLike) -> CheckResult:
 
 
 def check_outputs(
-    ckpt_dir: str | os.PathLike, n_samples: int = 4, backend: str = "fake", device: str = "cpu", rtol: float | None = None
+    ckpt_dir: str | os.PathLike, n_samples: int = 4, backend: str = "fake", device: str = "cpu",
+    rtol: float | None = None, stream: bool | None = None,
 ) -> CheckResult:
-    """The reloaded model reproduces the stored fake-quant logits to ``rtol`` (default by model dtype)."""
-    return _guarded("outputs", _outputs, Path(ckpt_dir), n_samples, backend, device, rtol)
+    """The reloaded model reproduces the stored fake-quant logits to ``rtol`` (default by model dtype).
+    ``stream``: re-run one decoder layer at a time (default: when the model is over 4 GiB)."""
+    return _guarded("outputs", _outputs, Path(ckpt_dir), n_samples, backend, device, rtol, stream)
 
 
 def validate_checkpoint(
@@ -246,12 +275,13 @@ def validate_checkpoint(
     *,
     device: str = "cpu",
     rtol: float | None = None,
+    stream: bool | None = None,
 ) -> ValidationReport:
     """Run every check; never raises for a bad checkpoint (the report says what is wrong)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return ValidationReport(d, [CheckResult("integrity", "fail", f"{d} is not a directory")])
-    checks = [check_integrity(d), check_layout(d), check_outputs(d, n_samples, backend, device, rtol)]
+    checks = [check_integrity(d), check_layout(d), check_outputs(d, n_samples, backend, device, rtol, stream)]
     return ValidationReport(d, checks)
 
 
