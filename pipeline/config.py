@@ -77,7 +77,6 @@ class Resources:
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local instance
     num_gpus: int | None = None  # None: all visible
     num_cpus: int | None = None
-    search_workers: int | None = None  # None: one per GPU, else one per 1-2 CPUs
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (compute dtype of the fp model)
     store: str | None = None  # activation store root (dir or pyarrow URI); default <work_dir>/acts

@@ -76,7 +76,7 @@ class CheckpointSource(WeightSource):
         return decompress_weight(tensors, self.schemes[mod]).dequantize(torch.float32)
 
 
-def checkpoint_bytes(ckpt_dir: str | os.PathLike) -> int:
+def dequantized_bytes(ckpt_dir: str | os.PathLike) -> int:
     """Bytes of the dequantized model (what a whole-model reload would allocate, in the stored dtypes)."""
     src = CheckpointSource(ckpt_dir)
     return sum(src.nbytes(k) for k in src.keys())

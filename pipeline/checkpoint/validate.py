@@ -208,9 +208,9 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
         dt = torch.float16 if backend == "triton" and model_dtype == torch.float32 else model_dtype
         rtol = DEFAULT_RTOL.get(dt, 1e-2)
     if stream is None:
-        from .source import checkpoint_bytes
+        from .source import dequantized_bytes
 
-        stream = backend == "fake" and checkpoint_bytes(ckpt_dir) > STREAM_ABOVE_BYTES
+        stream = backend == "fake" and dequantized_bytes(ckpt_dir) > STREAM_ABOVE_BYTES
     if stream and backend != "fake":
         return CheckResult("outputs", "fail", "the layer-streamed check runs the fake-quant reference path only")
     worst_rel, worst_abs, agree, total = 0.0, 0.0, 0, 0

@@ -16,10 +16,6 @@ class RayContext:
     num_gpus: int
     started_here: bool
 
-    @property
-    def search_workers(self) -> int:
-        return self.num_gpus if self.num_gpus else max(1, self.num_cpus)
-
 
 def init_ray(res: Resources) -> RayContext:
     """Start or join Ray. Idempotent within one process."""

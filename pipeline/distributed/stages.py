@@ -13,16 +13,14 @@ from typing import Any
 from .context import JobContext, worker_device
 from .progress import JobView
 from .runtime import RayContext
+from .scheduler import placement
 from .search import search_block
+from .wavefront import save_json
 
 MAX_RETRIES = 3  # a lost worker's block is retried this many times
 SENSITIVITY_FILE = "sensitivity.json"
 PARTITION_FILE = "partition.json"
 OVERLAP_METHODS = ("rtn", "awq", "smoothquant")  # blocks known before capture: search overlaps it
-
-
-def _placement(ray_ctx: RayContext) -> dict[str, Any]:
-    return {"num_gpus": 1} if ray_ctx.num_gpus else {"num_cpus": 1}
 
 
 def plan_blocks(n_layers: int, method: str) -> list[list[int]]:
@@ -76,7 +74,7 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
     """Run the capture wavefront and every block search; returns (block summaries, report extras)."""
     from ..quant import needs_calibration
     from .scheduler import CaptureAndSearch
-    from .wavefront import needs_last_stream, save_json
+    from .wavefront import needs_last_stream
 
     method = ctx.recipe.method
     work = Path(ctx.work_dir)
@@ -209,16 +207,10 @@ def run_veo(ctx: JobContext, ray_ctx: RayContext, table_path: str, view: JobView
     out = Path(ctx.work_dir) / "veo_projector.safetensors"
     if not out.is_file():
         view.info(f"visual-encoder optimization: {ctx.recipe.veo_steps} steps on {ctx.recipe.veo_samples} samples")
-        task = ray.remote(max_retries=MAX_RETRIES, **_placement(ray_ctx))(_veo_task)
+        task = ray.remote(max_retries=MAX_RETRIES, **placement(ray_ctx, share=1.0))(_veo_task)
         log = ray.get(task.remote(ctx, table_path, str(out)))
-        save_json_file(Path(ctx.work_dir) / "veo.json", log)
+        save_json(Path(ctx.work_dir) / "veo.json", log)
     return str(out)
-
-
-def save_json_file(path: Path, obj: Any) -> None:
-    from .wavefront import save_json
-
-    save_json(path, obj)
 
 
 def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: JobView) -> dict[str, Any]:
@@ -227,7 +219,7 @@ def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: Job
     import ray
 
     view.info("reference outputs and fidelity on held-out samples")
-    task = ray.remote(max_retries=MAX_RETRIES, **_placement(ray_ctx))(_reference_task)
+    task = ray.remote(max_retries=MAX_RETRIES, **placement(ray_ctx, share=1.0))(_reference_task)
     return ray.get(task.remote(ctx, part_paths(ctx), holdout_path))
 
 

@@ -138,12 +138,12 @@ def act_quant_hook(act_bits: int) -> Callable[[int, nn.Module], None] | None:
     """A ``layer_hook`` making every Linear of a layer fake-quantize its input (W4A8)."""
     if act_bits >= 16:
         return None
-    from ..quant.quantizer import fake_quantize_activations
+    from ..quant.apply import act_quant_pre_hook
 
     def hook(_i: int, layer: nn.Module) -> None:
         for mod in layer.modules():
             if isinstance(mod, nn.Linear):
-                mod.register_forward_pre_hook(lambda _m, args: (fake_quantize_activations(args[0], act_bits),))
+                mod.register_forward_pre_hook(act_quant_pre_hook(act_bits))
 
     return hook
 

@@ -31,11 +31,13 @@ def apply_fake_quant(
         lin = model.get_submodule(name)
         lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
         if act_bits < 16:
-            lin.register_forward_pre_hook(_act_quant_hook(act_bits))
+            lin.register_forward_pre_hook(act_quant_pre_hook(act_bits))
     return model
 
 
-def _act_quant_hook(bits: int):
+def act_quant_pre_hook(bits: int):
+    """A forward pre-hook making a Linear fake-quantize its input per token (dynamic, symmetric)."""
+
     def hook(_mod: nn.Module, args: tuple) -> tuple:
         return (fake_quantize_activations(args[0], bits), *args[1:])
 
