@@ -51,22 +51,15 @@ LLAVA = VLMAdapter(
     checkpoint_key_rules=LLAVA_STYLE_RULES,
 )
 
-LLAVA_ONEVISION = VLMAdapter(
+# LLaVA-OneVision's layout is LLaVA's plus image_newline, a learned vector inserted after each
+# row of image features (part of the vision side, never quantized).
+LLAVA_ONEVISION = dataclasses.replace(
+    LLAVA,
     family="llava_onevision",
     model_types=("llava_onevision",),
     model_class="LlavaOnevisionForConditionalGeneration",
     processor_class="LlavaOnevisionProcessor",
-    layers_path=f"{_LM}.layers",
-    language_model_path=_LM,
-    embed_path=f"{_LM}.embed_tokens",
-    final_norm_path=f"{_LM}.norm",
-    lm_head_path="lm_head",
-    # image_newline is a learned vector inserted after each row of image features
-    vision_paths=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
-    projector_path="model.multi_modal_projector",
-    image_token_attr="image_token_id",
-    linear_groups=LLAMA_LIKE_GROUPS,
-    checkpoint_key_rules=LLAVA_STYLE_RULES,
+    vision_paths=(*LLAVA.vision_paths, "model.image_newline"),
 )
 
 QWEN2_VL = VLMAdapter(
