@@ -41,12 +41,13 @@ def decode_rows(w0, w1, w2, j, magic, BITS: tl.constexpr, OFFSET: tl.constexpr):
         word = tl.where(j < 10, w0, tl.where(j < 20, w1, w2))
         wsh = tl.where(j < 10, w0 >> 18, tl.where(j < 20, w1 >> 18, w2 >> 18))
         loc = j % 10
-        direct = loc < 7
+        bit = 3 * (loc // 2) + 16 * (loc % 2)  # value 2i at 3i, 2i+1 at 16+3i (layout.py)
+        direct = bit <= 19
         src = tl.where(direct, word, wsh)
-        pos = tl.where(direct, 3 * loc, 3 * loc - 18)
+        pos = tl.where(direct, bit, bit - 18)
         field = src & (7 << pos)
-        v30 = ((w0 >> 30) & 3) | ((w2 >> 28) & 4)
-        v31 = ((w1 >> 30) & 3) | ((w2 >> 29) & 4)
+        v30 = ((w0 >> 15) & 1) | ((w1 >> 14) & 2) | ((w2 >> 13) & 4)
+        v31 = ((w0 >> 31) & 1) | ((w1 >> 30) & 2) | ((w2 >> 29) & 4)
         field = tl.where(j == 30, v30, tl.where(j == 31, v31, field))
         pos = tl.where(j >= 30, 0, pos)
     else:

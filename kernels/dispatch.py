@@ -66,15 +66,24 @@ def _common(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: t
     return x, out, zero, b
 
 
+def h2_applies(x: torch.Tensor, pw: PackedWeight) -> bool:
+    """The fp16-pair GEMV covers W4/W3 with fp16 activations and K a multiple of 4 (x as int64)."""
+    return pw.bits in (3, 4) and x.dtype == torch.float16 and pw.in_features % 4 == 0
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, cfg: GemvConfig | None = None) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` with the CUDA-core GEMV kernel (meant for M <= 4)."""
+    """``x @ W^T (+ bias)`` with a CUDA-core GEMV kernel (meant for M <= 4): the fp16-pair kernel
+    where it applies (``cfg.h2``), else the portable fp32 one."""
     from .gemv import gemv_kernel
 
     x, out, zero, b = _common(x, pw, bias, out)
     m, n = x.shape[0], pw.out_features
     plan = pw.plan
     cfg = (cfg or gemv_config(pw.bits, m, n, pw.in_features)).rows_ok(128 // plan.values_per_row)
+    h2 = h2_applies(x, pw) if cfg.h2 is None else cfg.h2
+    if h2 and not h2_applies(x, pw):
+        raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
     per_channel = pw.group_size is None
     r = cfg.R if per_channel else min(cfg.R, pw.group_rows)  # grouped: inside one group
     if pw.tile % cfg.BN:
@@ -87,6 +96,20 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves)
     ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 else (out, out)
+    if h2:
+        from .gemv_h2 import gemv_h2_kernel
+
+        xq = (x if x.data_ptr() % 8 == 0 else x.clone()).view(torch.int64)
+        gemv_h2_kernel[(n_tiles, split, m_blocks)](
+            xq, pw.words, pw.scale, zero, b, out, ws, cnt,
+            m, n, k // 4, xq.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
+            BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
+            GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
+            HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
+            ASM=cfg.asm and not interpreting(), num_warps=cfg.num_warps,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
+        )
+        return out
     gemv_kernel[(n_tiles, split, m_blocks)](
         x, pw.words, pw.scale, zero, b, out, ws, cnt,
         m, n, k, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters, MAGIC_BITS,
@@ -217,8 +240,9 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
-def _candidates(bits: int, m: int) -> list[tuple[str, object]]:
-    """What the autotuner tries for one M (each entry ``fn(x, pw, bias)``); small on purpose."""
+def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, object]]:
+    """What the autotuner tries for one M (each entry ``fn(x, pw, bias)``); small on purpose.
+    ``fp16_pairs``: the fp16-pair GEMV applies (W4/W3, fp16 x)."""
     c: list[tuple[str, object]] = []
 
     def gv(**kw):
@@ -229,16 +253,23 @@ def _candidates(bits: int, m: int) -> list[tuple[str, object]]:
         cfg = GemmConfig(**kw)
         return lambda x, pw, b: gemm(x, pw, b, cfg=cfg)
 
+    if m <= 4 and fp16_pairs:  # gemv_h2.py; sizes from the SASS (128/63 registers W4 R16/R8, 74 W3 R4)
+        rs = (4, 2) if bits == 3 else (16, 8)
+        c += [(f"h2 BN{bn} R{r} w{w} x{wv}", gv(BN=bn, R=r, num_warps=w, waves=wv, h2=True))
+              for bn, r, w, wv in ((128, rs[0], 4, 8), (128, rs[1], 4, 8), (128, rs[1], 4, 16), (64, rs[0], 4, 8),
+                                   (128, rs[0], 4, 4), (256, rs[0], 8, 4))]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway
-        c += [(f"gemv BN128 R{rs[0]} x8{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=8, maxnreg=mr)),
-              (f"gemv BN128 R{rs[0]} x4{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=4, maxnreg=mr)),
-              (f"gemv BN128 R{rs[0]} x16{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=16, maxnreg=mr)),
-              (f"gemv BN128 R{rs[0]} x2{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=2, maxnreg=mr)),
-              (f"gemv BN64 R{rs[0]} x4{' r128' if mr else ''}", gv(BN=64, R=rs[0], waves=4, maxnreg=mr)),
-              (f"gemv BN128 R{rs[0]} x8", gv(BN=128, R=rs[0], waves=8)),
-              (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8))]
+        c += [(f"gemv BN128 R{rs[0]} x8{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=8, maxnreg=mr, h2=False)),
+              (f"gemv BN128 R{rs[0]} x4{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=4, maxnreg=mr, h2=False)),
+              (f"gemv BN128 R{rs[0]} x16{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=16, maxnreg=mr, h2=False)),
+              (f"gemv BN128 R{rs[0]} x2{' r128' if mr else ''}", gv(BN=128, R=rs[0], waves=2, maxnreg=mr, h2=False)),
+              (f"gemv BN64 R{rs[0]} x4{' r128' if mr else ''}", gv(BN=64, R=rs[0], waves=4, maxnreg=mr, h2=False)),
+              (f"gemv BN128 R{rs[0]} x8", gv(BN=128, R=rs[0], waves=8, h2=False)),
+              (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8, h2=False))]
+        if fp16_pairs:  # of the fp32 GEMV keep the two that won before (run 3), as a reference
+            c = c[:-7] + [c[-7], c[-2]]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128
@@ -263,7 +294,7 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     if autotune.enabled(x):
         key = ("a16", pw.bits, pw.group_size, pw.symmetric, x.dtype, autotune.m_bucket(m), pw.out_features,
                pw.in_features, x.device.index)
-        fn = autotune.pick(key, _candidates(pw.bits, m), (x, pw, bias))
+        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw)), (x, pw, bias))
         if fn is not None:
             return fn(x, pw, bias)
     if m <= GEMV_MAX_M:

@@ -10,10 +10,13 @@ Why a layout of our own (the file on disk stays compressed-tensors ``pack-quanti
   decodes the same way and folds the symmetric offset into a constant.
 - Field positions are chosen so that the kernels can build floats from bits (METHODS.md §7):
   for b in {2, 4, 8} value j of a word sits at bit ``j*b`` (LSB first, as on disk);
-  for b = 3, 32 values live in 3 words: values 0-9 in word A bits 0-29, 10-19 in word B,
-  20-29 in word C, and values 30/31 take bits 30-31 of A/B for their low two bits and bits 30/31
-  of C for their high bit. Every field of every layout can be OR-ed into the mantissa of
-  ``2^23`` after at most one shift per word.
+  for b = 3, 32 values live in 3 words: values 0-9 in word A, 10-19 in B, 20-29 in C; inside a
+  word value ``2i`` sits at bit ``3i`` (low half) and value ``2i + 1`` at bit ``16 + 3i`` (high
+  half), i < 5; value 30 takes bit 15 of A, B, C (its bits 0, 1, 2) and value 31 bit 31.
+  Every field of every layout can be OR-ed into the mantissa of ``2^23`` after at most one
+  shift per word, and for b = 3 every pair of neighbours (2i, 2i+1) lands in the two fp16
+  halves of a word at the same offset: one ``lop3`` builds both as fp16 (``kernels/gemv_h2.py``)
+  against the pair ``(x[2i], x[2i+1])``, which is one 32-bit load of x.
 - ``in`` is zero-padded to a multiple of 128 (and of the group size), ``out`` to a multiple of
   ``T``; scale and zero are stored ``[n // T, group, n % T]`` beside the words.
 """
@@ -43,8 +46,9 @@ class FieldPlan:
 
 def field_plan(bits: int) -> FieldPlan:
     if bits == 3:
-        # per word: 10 fields; fields 0..6 end at bit 20 (< 23), fields 7..9 are read from w >> 21
-        return FieldPlan(3, 32, 3, 7, 21)
+        # per word: 10 fields at bits 0,3,..,12 and 16,19,..,28; the 7 at bits <= 19 end below
+        # bit 23, the 3 above are read from w >> 18
+        return FieldPlan(3, 32, 3, 7, 18)
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
     n_direct = 23 // bits  # fields that end at or below bit 22 (the mantissa)
@@ -125,11 +129,16 @@ def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
         sh = torch.arange(p.values_per_row, device=u.device) * bits
         return _to_int32((v << sh).sum(-1))
     v = u.reshape(n, k // 32, 32)
-    sh = torch.arange(10, device=u.device) * 3
-    a = (v[..., 0:10] << sh).sum(-1) | ((v[..., 30] & 3) << 30)
-    b = (v[..., 10:20] << sh).sum(-1) | ((v[..., 31] & 3) << 30)
-    c = (v[..., 20:30] << sh).sum(-1) | (((v[..., 30] >> 2) & 1) << 30) | (((v[..., 31] >> 2) & 1) << 31)
-    return _to_int32(torch.stack([a, b, c], dim=-1).reshape(n, k // 32 * 3))
+    sh = _sh3(u.device)
+    words = [(v[..., 10 * i:10 * i + 10] << sh).sum(-1) | (((v[..., 30] >> i) & 1) << 15)
+             | (((v[..., 31] >> i) & 1) << 31) for i in range(3)]
+    return _to_int32(torch.stack(words, dim=-1).reshape(n, k // 32 * 3))
+
+
+def _sh3(device) -> torch.Tensor:
+    """Bit position of value j (0-9) inside a 3-bit word: 2i at 3i, 2i+1 at 16+3i."""
+    j = torch.arange(10, device=device)
+    return 3 * (j // 2) + 16 * (j % 2)
 
 
 def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -142,10 +151,10 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
         sh = torch.arange(p.values_per_row, device=w.device) * bits
         return ((w.unsqueeze(-1) >> sh) & mask).reshape(n, -1)
     w = w.reshape(n, -1, 3)
-    sh = torch.arange(10, device=w.device) * 3
+    sh = _sh3(w.device)
     a, b, c = w[..., 0:1], w[..., 1:2], w[..., 2:3]
-    v30 = ((a[..., 0] >> 30) & 3) | (((c[..., 0] >> 30) & 1) << 2)
-    v31 = ((b[..., 0] >> 30) & 3) | (((c[..., 0] >> 31) & 1) << 2)
+    v30 = sum(((w[..., i] >> 15) & 1) << i for i in range(3))
+    v31 = sum(((w[..., i] >> 31) & 1) << i for i in range(3))
     vals = torch.cat([(a >> sh) & 7, (b >> sh) & 7, (c >> sh) & 7, v30[..., None], v31[..., None]], dim=-1)
     return vals.reshape(n, -1)
 

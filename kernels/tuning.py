@@ -25,6 +25,8 @@ class GemvConfig:
     evict: bool = True
     waves: float = 8.0  # target programs per SM when choosing split
     maxnreg: int | None = None  # register cap: W4 R16 fits 128 without spills (4 programs/SM, not 3)
+    h2: bool | None = None  # fp16-pair kernel (gemv_h2.py); None: wherever it applies (W4/W3, fp16 x)
+    asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""

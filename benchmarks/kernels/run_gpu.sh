@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep bench decode ncu   (default: all but ncu)
+# stages: info tests sweep sweeph2 sweepsmall sweepsym bench benchsmall decode ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,6 +21,10 @@ for s in $STAGES; do
       stamp sweep
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
         --m 1 16 2048 --bits 4 3 --reps 15 --out "$OUT/sweep" 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -60 ;;
+    sweeph2)
+      stamp sweeph2
+      timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
+        --m 1 --bits 4 3 --reps 15 --out "$OUT/sweeph2" 2>&1 | grep -v Warning | tee "$OUT/sweeph2.log" | tail -40 ;;
     sweepsmall)
       stamp sweepsmall
       timeout 150 python3 -m pipeline.evaluate.bench_kernels --sweep --shapes 3584x4608 18944x3584 3584x37888 \
@@ -49,4 +53,4 @@ for s in $STAGES; do
   esac
 done
 stamp done
-for f in "$OUT"/sweepsmall/kernels.md "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done
+for f in "$OUT"/sweeph2/kernels.md "$OUT"/sweepsmall/kernels.md "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done

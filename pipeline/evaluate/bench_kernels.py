@@ -76,7 +76,16 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
             grid = [(128, rs[0], 4, w) for w in (2, 4, 8, 16)] + [(128, rs[1], 4, 8), (256, rs[0], 8, 4)]
         for bn, r, w, waves in grid:
             out.append((f"gemv BN{bn} R{r} w{w} x{waves}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": w,
-                                                             "waves": waves}))
+                                                             "waves": waves, "h2": False}))
+        if bits in (3, 4) and k % 4 == 0:  # the fp16-pair kernel (gemv_h2.py)
+            rh = [4, 2] if bits == 3 else [16, 8]
+            for bn, r, w, waves, mr in [(128, rh[0], 4, 8, None), (128, rh[1], 4, 8, None), (128, rh[1], 4, 16, None),
+                                        (128, rh[1], 4, 4, None), (64, rh[0], 4, 8, None), (64, rh[0], 4, 16, None),
+                                        (256, rh[0], 8, 4, None), (128, rh[0], 4, 8, 96 if bits == 3 else 128),
+                                        (128, rh[1], 8, 8, None), (32, rh[0], 2, 8, None)]:
+                out.append((f"h2 BN{bn} R{r} w{w} x{waves}{f' r{mr}' if mr else ''}",
+                            {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": waves, "h2": True,
+                             "maxnreg": mr}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64

@@ -16,16 +16,17 @@ def test_4bit_words_are_lsb_first():
 
 
 def test_3bit_chunk_layout():
-    """Values 0-9 in word A bits 0-29, 10-19 in B, 20-29 in C; 30/31 split over the top bits."""
+    """Values 0-9 in word A, 10-19 in B, 20-29 in C (2i at bit 3i, 2i+1 at bit 16+3i); value 30
+    takes bit 15 of A, B, C, value 31 bit 31 (fp16-pair friendly, see layout.py)."""
     v = torch.zeros(1, 32, dtype=torch.int64)
-    v[0, 1] = 5  # A bits 3-5
-    v[0, 12] = 7  # B bits 6-8
-    v[0, 30] = 6  # 0b110: A bits 30-31 = 0b10, C bit 30 = 1
-    v[0, 31] = 3  # 0b011: B bits 30-31 = 0b11, C bit 31 = 0
+    v[0, 1] = 5  # A bits 16-18
+    v[0, 12] = 7  # B value 2 (even): bits 3-5
+    v[0, 30] = 6  # 0b110: B bit 15, C bit 15
+    v[0, 31] = 3  # 0b011: A bit 31, B bit 31
     a, b, c = (int(t) & 0xFFFFFFFF for t in pack_codes(v, 3)[0])
-    assert a == (5 << 3) | (0b10 << 30)
-    assert b == (7 << 6) | (0b11 << 30)
-    assert c == (1 << 30)
+    assert a == (5 << 16) | (1 << 31)
+    assert b == (7 << 3) | (1 << 15) | (1 << 31)
+    assert c == (1 << 15)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -20,14 +20,14 @@ def _k(group, bits):
     return 100 if group is None else 3 * group  # per-channel: K not a multiple of any block
 
 
-def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4):
+def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
     pw = pack(qw, tile=32, device=device)
     x = random_x(m, k, dtype, gen, device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split))
+    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2))
     assert y is out
     assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
 
@@ -38,6 +38,23 @@ def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4
 def test_gemv_fp16(bits, sym, group, gen, device):
     _run_gemv(1, 37, bits, group, sym, torch.float16, gen, device, split=1)
     _run_gemv(3, 37, bits, group, sym, torch.float16, gen, device, split=2, bias=True)
+
+
+@pytest.mark.parametrize("bits,sym,group", [(4, False, 128), (3, True, None), (3, False, 32)])
+def test_gemv_fp32_path_fp16(bits, sym, group, gen, device):
+    """W4/W3 with fp16 x go to the fp16-pair kernel by default (test_gemv_fp16 runs its portable
+    twin here); the fp32 kernel stays an autotuner candidate, so it is checked too."""
+    _run_gemv(3, 37, bits, group, sym, torch.float16, gen, device, split=2, bias=True, h2=False)
+
+
+def test_gemv_h2_needs_k_multiple_of_4(gen, device):
+    """K % 4 != 0: the dispatcher falls back to the fp32 kernel; asking for fp16 pairs is an error."""
+    qw = random_qweight(9, 98, 4, None, False, torch.float16, gen)
+    pw = pack(qw, tile=32, device=device)
+    x = random_x(1, 98, torch.float16, gen, device)
+    assert_matches(gemv(x, pw, cfg=GemvConfig(BN=32, R=4)), linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16)
+    with pytest.raises(ValueError, match="fp16-pair"):
+        gemv(x, pw, cfg=GemvConfig(BN=32, R=4, h2=True))
 
 
 @pytest.mark.parametrize("bits,sym,group", [(4, False, 64), (3, True, 64), (8, False, None), (2, False, 32)])
