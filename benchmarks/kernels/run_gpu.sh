@@ -46,7 +46,7 @@ for s in $STAGES; do
       timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
     ncu)
       stamp ncu
-      VLMQ_AUTOTUNE=0 timeout 75 ncu --clock-control none -k regex:gemv_kernel -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      VLMQ_AUTOTUNE=0 timeout 75 ncu --clock-control none -k regex:gemv -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
         python3 -m pipeline.evaluate.bench_kernels \
         --no-baselines --shapes 8192x28672 --m 1 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu.log" 2>&1
       grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Registers|Achieved Occupancy|Theoretical Occ|Waves|Block Limit Reg" "$OUT/ncu.log" ;;
