@@ -7,7 +7,7 @@ import os
 import torch
 
 from .layout import MAGIC_BITS, PackedWeight
-from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config
+from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config, gemv_h2_config
 
 _WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -80,7 +80,9 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     x, out, zero, b = _common(x, pw, bias, out)
     m, n = x.shape[0], pw.out_features
     plan = pw.plan
-    cfg = (cfg or gemv_config(pw.bits, m, n, pw.in_features)).rows_ok(128 // plan.values_per_row)
+    if cfg is None:
+        cfg = gemv_h2_config(pw.bits) if h2_applies(x, pw) else gemv_config(pw.bits, m, n, pw.in_features)
+    cfg = cfg.rows_ok(128 // plan.values_per_row)
     h2 = h2_applies(x, pw) if cfg.h2 is None else cfg.h2
     if h2 and not h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
@@ -106,7 +108,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
-            ASM=cfg.asm and not interpreting(), num_warps=cfg.num_warps,
+            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
         )
         return out
@@ -253,11 +255,12 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, 
         cfg = GemmConfig(**kw)
         return lambda x, pw, b: gemm(x, pw, b, cfg=cfg)
 
-    if m <= 4 and fp16_pairs:  # gemv_h2.py; sizes from the SASS (128/63 registers W4 R16/R8, 74 W3 R4)
+    if m <= 4 and fp16_pairs:  # gemv_h2.py; run 4 sweep (8192->28672): BN64 best for W4 and W3
         rs = (4, 2) if bits == 3 else (16, 8)
-        c += [(f"h2 BN{bn} R{r} w{w} x{wv}", gv(BN=bn, R=r, num_warps=w, waves=wv, h2=True))
-              for bn, r, w, wv in ((128, rs[0], 4, 8), (128, rs[1], 4, 8), (128, rs[1], 4, 16), (64, rs[0], 4, 8),
-                                   (128, rs[0], 4, 4), (256, rs[0], 8, 4))]
+        c += [(f"h2 BN{bn} R{r} w4 x{wv}{' d2' if d == 2 else ''}",
+               gv(BN=bn, R=r, num_warps=4, waves=wv, h2=True, depth=d))
+              for bn, r, wv, d in ((64, rs[0], 8, 1), (64, rs[0], 16, 1), (64, rs[0], 4, 1), (128, rs[1], 16, 1),
+                                   (64, rs[0], 8, 2), (64, rs[1], 8, 2), (128, rs[1], 8, 2), (128, rs[0], 4, 1))]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway

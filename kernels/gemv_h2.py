@@ -304,19 +304,43 @@ def _load_x(xp, x_ptr, qi, M, K4, m3, QPR: tl.constexpr, EVEN: tl.constexpr, ASM
 
 
 @triton.jit
+def _stage(j, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+           BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+           T: tl.constexpr, R: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """Issue the loads of iteration ``j``: words, x, and (grouped) scale and zero."""
+    WPR: tl.constexpr = 3 if BITS == 3 else 1
+    QPR: tl.constexpr = 8 if BITS == 3 else 2
+    w0, w1, w2 = load_rows(wbase + j * (R * WPR * T), T, BITS, EVICT)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(xbase + j * (R * QPR), x_ptr, qi0 + j * (R * QPR), M, K4, m3,
+                                             QPR, EVEN, ASM)
+    if PER_CHANNEL:
+        s = w0
+        z = w0
+    else:
+        g = ((j * R) // GROUP_ROWS) * T  # R divides GROUP_ROWS
+        s = tl.load(scale_ptr + szbase + g)
+        z = s
+        if not SYM:
+            z = tl.load(zero_ptr + szbase + g)
+    return w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z
+
+
+@triton.jit
 def gemv_h2_kernel(
     x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K4, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
     ``x_ptr`` is x viewed as int64 (``stride_xm`` in int64 units, ``K4 = K / 4``). One fp32 per
-    (row of x, decode row, column) accumulates ``(sum of the row's products) * scale``; the next
-    iteration's words, x, scale and zero are loaded before this one is computed, as in gemv.py.
-    EVEN: no m or k masks needed."""
+    (row of x, decode row, column) accumulates ``(sum of the row's products) * scale``. The loads
+    of iteration ``it + DEPTH`` (1 or 2) are issued before iteration ``it`` is computed: Triton
+    pipelines no load that feeds no ``tl.dot``, and a GEMV that waits for each load runs at the
+    latency, not the bandwidth, of memory. EVEN: no m or k masks needed."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     QPR: tl.constexpr = 8 if BITS == 3 else 2  # int64 words of x per decode row
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
@@ -336,47 +360,40 @@ def gemv_h2_kernel(
 
     it0 = pid_k * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
-    row0 = it0 * R
-    wp = words_ptr + ((row0 + r_loc) * WPR)[None, :, None] * T + col[None, None, :]
+    wbase = words_ptr + (r_loc * WPR)[None, :, None] * T + col[None, None, :]
     # x is read by inline PTX on [BM, R, 1] addresses (see _ld): no tl.load, so no layout of its own
-    qi = (row0 + r_loc)[None, :, None] * QPR
-    xp = x_ptr + m3 * stride_xm + qi
-    # scale/zero pointers also [1, R, BN] (stride 0 along R, merged loads): no layout convert
-    sz3 = sz_col[None, None, :] + 0 * r_loc[None, :, None]
-    sp = scale_ptr + sz3 + ((it0 * R) // GROUP_ROWS) * T  # R divides GROUP_ROWS
-    zp = zero_ptr + sz3 + ((it0 * R) // GROUP_ROWS) * T
-    w0n, w1n, w2n = load_rows(wp, T, BITS, EVICT)
-    q0n, q1n, q2n, q3n, q4n, q5n, q6n, q7n = _load_x(xp, x_ptr, qi, M, K4, m3, QPR, EVEN, ASM)
+    qi0 = r_loc[None, :, None] * QPR
+    xbase = x_ptr + m3 * stride_xm + qi0
+    # scale/zero pointers [1, R, BN] (stride 0 along R, merged loads): no layout convert either
+    szbase = sz_col[None, None, :] + 0 * r_loc[None, :, None]
     if PER_CHANNEL:
-        zsrc = sz3  # any int tensor of the right shape when symmetric
+        zsrc = szbase  # any int tensor of the right shape when symmetric
         if not SYM:
-            zsrc = tl.load(zero_ptr + sz3)
+            zsrc = tl.load(zero_ptr + szbase)
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
-    else:
-        sn = tl.load(sp)
-        zn = sn
-        if not SYM:
-            zn = tl.load(zp)
+    a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
+        it0, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+        BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+    if DEPTH == 2:
+        b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
+            tl.minimum(it0 + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+            BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
     y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
     for it in range(it0, it1):
-        w0, w1, w2 = w0n, w1n, w2n
-        q0, q1, q2, q3, q4, q5, q6, q7 = q0n, q1n, q2n, q3n, q4n, q5n, q6n, q7n
+        w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
+                                                            a_s, a_z)
+        # the last iterations re-read their own tile: harmless
+        if DEPTH == 2:
+            a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = (b0, b1, b2, bq0, bq1, bq2, bq3, bq4,
+                                                                            bq5, bq6, bq7, b_s, b_z)
+            b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
+                tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+        else:
+            a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
+                tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
         if not PER_CHANNEL:
-            s = sn
-            z = zn
-        nxt = tl.minimum(it + 1, it1 - 1) - it  # the last iteration re-reads its own tile: harmless
-        wp += nxt * (R * WPR * T)
-        xp += nxt * (R * QPR)
-        qi += nxt * (R * QPR)
-        w0n, w1n, w2n = load_rows(wp, T, BITS, EVICT)
-        q0n, q1n, q2n, q3n, q4n, q5n, q6n, q7n = _load_x(xp, x_ptr, qi, M, K4, m3, QPR, EVEN, ASM)
-        if not PER_CHANNEL:
-            gstep = (((it + nxt) * R) // GROUP_ROWS - (it * R) // GROUP_ROWS) * T
-            sp += gstep
-            sn = tl.load(sp)
-            if not SYM:
-                zp += gstep
-                zn = tl.load(zp)
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
         r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
         if PER_CHANNEL:

@@ -27,6 +27,7 @@ class GemvConfig:
     maxnreg: int | None = None  # register cap: W4 R16 fits 128 without spills (4 programs/SM, not 3)
     h2: bool | None = None  # fp16-pair kernel (gemv_h2.py); None: wherever it applies (W4/W3, fp16 x)
     asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
+    depth: int = 1  # h2: iterations loaded ahead (1 or 2; 2 doubles the bytes in flight and the registers)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""
@@ -56,6 +57,12 @@ def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:
     if bits == 3:
         return GemvConfig(BN=128, R=4, num_warps=4)
     return GemvConfig(BN=128, R=16, num_warps=4, maxnreg=128)
+
+
+def gemv_h2_config(bits: int) -> GemvConfig:
+    """fp16-pair GEMV default (autotuner off). Run 4 sweep on the H100, 8192->28672, M=1:
+    W4 BN64 R16 46.5 µs (BN128 R8 x16 52.7); W3 BN64 R4 39.8 µs (BN128 R2 40.4)."""
+    return GemvConfig(BN=64, R=4 if bits == 3 else 16, num_warps=4, waves=8.0, h2=True)
 
 
 def gemm_config(bits: int, m: int, n: int, k: int) -> GemmConfig:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 sweepsmall sweepsym bench benchsmall decode ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 sweepsmall sweepsym bench benchsmall dequant decode ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,15 +41,21 @@ for s in $STAGES; do
       stamp benchsmall
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --m 1 4 16 --reps 15 --out "$OUT/bench" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.log" | tail -5 ;;
+    dequant)
+      stamp dequant
+      timeout 90 python3 benchmarks/kernels/time_dequant.py 2>&1 | grep -v Warning | tee "$OUT/dequant.log" ;;
     decode)
       stamp decode
       timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
     ncu)
       stamp ncu
-      VLMQ_AUTOTUNE=0 timeout 75 ncu --clock-control none -k regex:gemv -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
-        python3 -m pipeline.evaluate.bench_kernels \
-        --no-baselines --shapes 8192x28672 --m 1 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu.log" 2>&1
-      grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Registers|Achieved Occupancy|Theoretical Occ|Waves|Block Limit Reg" "$OUT/ncu.log" ;;
+      for b in 4 3; do
+        VLMQ_AUTOTUNE=0 timeout 75 ncu --clock-control none -k regex:gemv -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+          python3 -m pipeline.evaluate.bench_kernels \
+          --no-baselines --shapes 8192x28672 --m 1 --bits $b --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu$b.log" 2>&1
+        echo "-- W$b (default config)"
+        grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Registers|Achieved Occupancy|Theoretical Occ|Waves|Block Limit Reg|Grid Size" "$OUT/ncu$b.log"
+      done ;;
   esac
 done
 stamp done

@@ -74,18 +74,20 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 (256, rs[1], 4, 4), (128, rs[0], 4, 16), (128, rs[2], 4, 8)]
         if k * n < 8192 * 28672:  # decode-size layers: mostly the split matters
             grid = [(128, rs[0], 4, w) for w in (2, 4, 8, 16)] + [(128, rs[1], 4, 8), (256, rs[0], 8, 4)]
+        if bits in (3, 4) and k % 4 == 0:  # fp16 pairs apply: of the fp32 GEMV the two best of run 4
+            grid = [(128, rs[0], 4, 8), (128, rs[0], 4, 16)]
         for bn, r, w, waves in grid:
             out.append((f"gemv BN{bn} R{r} w{w} x{waves}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": w,
                                                              "waves": waves, "h2": False}))
         if bits in (3, 4) and k % 4 == 0:  # the fp16-pair kernel (gemv_h2.py)
             rh = [4, 2] if bits == 3 else [16, 8]
-            for bn, r, w, waves, mr in [(128, rh[0], 4, 8, None), (128, rh[1], 4, 8, None), (128, rh[1], 4, 16, None),
-                                        (128, rh[1], 4, 4, None), (64, rh[0], 4, 8, None), (64, rh[0], 4, 16, None),
-                                        (256, rh[0], 8, 4, None), (128, rh[0], 4, 8, 96 if bits == 3 else 128),
-                                        (128, rh[1], 8, 8, None), (32, rh[0], 2, 8, None)]:
-                out.append((f"h2 BN{bn} R{r} w{w} x{waves}{f' r{mr}' if mr else ''}",
+            for bn, r, w, waves, d in [(64, rh[0], 4, 8, 1), (64, rh[0], 4, 6, 1), (64, rh[0], 4, 12, 1),
+                                       (64, rh[1], 4, 8, 1), (64, rh[0], 4, 8, 2), (64, rh[0], 4, 4, 2),
+                                       (64, rh[1], 4, 8, 2), (128, rh[1], 4, 8, 2), (128, rh[0], 4, 8, 2),
+                                       (128, rh[1], 4, 16, 1), (64, rh[0], 8, 8, 1)]:
+                out.append((f"h2 BN{bn} R{r} w{w} x{waves}{' d2' if d == 2 else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": waves, "h2": True,
-                             "maxnreg": mr}))
+                             "depth": d}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64

@@ -20,14 +20,14 @@ def _k(group, bits):
     return 100 if group is None else 3 * group  # per-channel: K not a multiple of any block
 
 
-def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None):
+def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
     pw = pack(qw, tile=32, device=device)
     x = random_x(m, k, dtype, gen, device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2))
+    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth))
     assert y is out
     assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
 
@@ -45,6 +45,13 @@ def test_gemv_fp32_path_fp16(bits, sym, group, gen, device):
     """W4/W3 with fp16 x go to the fp16-pair kernel by default (test_gemv_fp16 runs its portable
     twin here); the fp32 kernel stays an autotuner candidate, so it is checked too."""
     _run_gemv(3, 37, bits, group, sym, torch.float16, gen, device, split=2, bias=True, h2=False)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, None)])
+def test_gemv_h2_depth2(bits, group, gen, device):
+    """Loads issued two iterations ahead (the clamped tail re-reads its own tile)."""
+    _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, depth=2)
+    _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=1, h2=True, depth=2)
 
 
 def test_gemv_h2_needs_k_multiple_of_4(gen, device):
