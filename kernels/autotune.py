@@ -41,8 +41,9 @@ def _flush_l2(device: torch.device) -> None:
 
 
 def time_candidates(cands: list[tuple[str, Callable]], args: tuple, reps: int = 12) -> list[tuple[str, float]]:
-    """Median ms of each candidate ``fn(*args)`` over ``reps`` L2-cold calls (failures are skipped).
-    CUDA events. Run 4 saw 8 back-to-back reps pick a config 14% slower than the sweep's best."""
+    """Median ms of each candidate ``fn(*args)`` over ``reps`` L2-cold calls (failures are skipped),
+    GPU time only, by CUDA events: what a CUDA graph replay pays. Run 4 saw 8 back-to-back eager
+    reps pick a config 14% slower than the sweep's best."""
     out = []
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cuda"))
     for name, fn in cands:
@@ -52,6 +53,9 @@ def time_candidates(cands: list[tuple[str, Callable]], args: tuple, reps: int = 
             ts = []
             for _ in range(reps):
                 _flush_l2(dev)
+                # keep the GPU busy while Python enqueues the call: the events then time the kernel,
+                # not its launch (run 5: launch cost made the slower fp32 GEMV win over the h2 one)
+                torch.cuda._sleep(200_000)
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 fn(*args)

@@ -156,8 +156,9 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
-def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, bk: int = 64) -> torch.Tensor:
-    """The 16-bit weight ``[out, in]`` (``(q - zero) * scale`` rounded once), by one kernel."""
+def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, bk: int = 128) -> torch.Tensor:
+    """The 16-bit weight ``[out, in]`` (``(q - zero) * scale`` rounded once), by one kernel.
+    bk=128: 216 µs for W4 8192->28672 on the H100 (2.74 TB/s moved) vs 241 µs at bk=64 (run 5)."""
     from .gemm import dequant_kernel
 
     n, k = pw.out_features, pw.in_features
