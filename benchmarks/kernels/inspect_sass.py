@@ -2,6 +2,7 @@
 hot loop (instructions per decoded weight). Runs on the CPU machine: triton ships ptxas/nvdisasm.
 
     .venv/bin/python benchmarks/kernels/inspect_sass.py gemv --bits 4 --bn 128 --r 16
+    PYTHONPATH=/tmp/t36 .venv/bin/python benchmarks/kernels/inspect_sass.py gemv_h2 --bits 3 --bn 64 --r 4  # triton 3.6
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ GEMV_SIG_EXTRA = {"n_iters": "i32"}
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["gemv", "gemm"])
+    ap.add_argument("kernel", choices=["gemv", "gemv_h2", "gemm"])
+    ap.add_argument("--depth", type=int, default=1, help="gemv_h2: iterations loaded ahead")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--group", type=int, default=128)
@@ -137,7 +139,17 @@ def main() -> None:
     for k in ("x_ptr", "scale_ptr", "bias_ptr", "out_ptr"):
         sig[k] = "*" + a.dtype
     common = dict(BITS=a.bits, SYM=a.sym, PER_CHANNEL=a.group == 0, T=128, HAS_BIAS=False, SPLIT=True, EVICT=True)
-    if a.kernel == "gemv":
+    if a.kernel == "gemv_h2":
+        from kernels.gemv_h2 import gemv_h2_kernel
+        global DIV16
+        DIV16 = {"N", "K4", "stride_xm", "stride_om", "rows_total", "groups_pad"}
+        sig = {**{k2: v2 for k2, v2 in sig.items() if k2 not in ("magic", "K")}, "n_iters": "i32", "K4": "i32",
+               "x_ptr": "*i64"}
+        c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r,
+                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth)
+        k = compile_kernel(gemv_h2_kernel, sig, c, a.warps)
+        vals = a.r * a.bn * v
+    elif a.kernel == "gemv":
         from kernels.gemv import gemv_kernel
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32", "magic": "i32"}
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r, EVEN=not a.uneven)
