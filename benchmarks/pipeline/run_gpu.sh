@@ -8,7 +8,8 @@ export PYTHONPATH=/tmp/site:$PWD VLMQ_CACHE=/tmp/vlmq-cache PYTHONUNBUFFERED=1 H
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'ray', ray.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_synthetic.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/pipeline/test_synthetic.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+if [ -n "${DIAG:-}" ]; then timeout ${DIAG_TIMEOUT:-150} python3 benchmarks/pipeline/diag_capture.py $DIAG > "$OUT/diag.log" 2>&1; grep -v Warn "$OUT/diag.log" | tail -40; fi
 echo "setup done after $(( $(date +%s) - t0 ))s"
 /usr/bin/time -v timeout ${Q_TIMEOUT:-330} python3 -m pipeline.cli quantize --model synthetic:qwen2-vl-7b --calib builtin \
   --num-samples 128 --holdout 4 --method mbq --wbits 3 --group-size 128 --out /tmp/q7b-mbq-w3 --keep-work \

@@ -7,6 +7,7 @@ Workers open the model themselves from ``model`` (a folder, ``builtin`` resolved
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from typing import Any
 
 import torch
@@ -50,6 +51,14 @@ def worker_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES per worker
     return torch.device("cpu")
+
+
+def worker_peak() -> dict[str, int]:
+    """This worker process's peak GPU memory so far (workers live across tasks, so this is the
+    per-actor peak the planner promises to bound), plus the GPU it ran on."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_bytes": int(torch.cuda.max_memory_allocated()), "pid": os.getpid()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -15,7 +15,7 @@ import torch
 from ..quant import get_search, needs_calibration
 from ..quant.quantizer import QuantScheme
 from ..quant.types import BlockCalib, Sample, SearchSettings
-from .context import JobContext, worker_device
+from .context import JobContext, worker_device, worker_peak
 from .faults import maybe_fail
 
 _MASK_KEYS = ("vision_mask", "answer_mask")
@@ -79,6 +79,7 @@ def search_block(ctx: JobContext, block_id: int, layer_ids: list[int],
         "load_s": t1 - t0,
         "search_s": t2 - t1,
         "write_s": time.perf_counter() - t2,
+        **worker_peak(),
     }
 
 

@@ -73,7 +73,7 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
                        view: JobView, resuming: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the capture wavefront and every block search; returns (block summaries, report extras)."""
     from ..quant import needs_calibration
-    from .scheduler import CaptureAndSearch
+    from .scheduler import CaptureAndSearch, peak_gpu_by_worker
     from .wavefront import needs_last_stream
 
     method = ctx.recipe.method
@@ -124,6 +124,13 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
     if qvlm and saved_part.is_file():
         extras["partition"] = json.loads(saved_part.read_text())
     extras["resumed_blocks"] = sorted(done)
+    extras["phases_s"] = {k: round(v, 2) for k, v in sched.events.items()}
+    peaks = peak_gpu_by_worker(sched.capture_stats + summaries)
+    extras["resources"] = {"peak_store_bytes": sched.peak_store_bytes,
+                           "peak_gpu_bytes_per_worker": sorted(peaks.values(), reverse=True)}
+    if peaks:
+        view.info(f"peak GPU memory per worker: max {max(peaks.values()) / 2**30:.1f} GiB over {len(peaks)} "
+                  f"workers; peak activation store {sched.peak_store_bytes / 2**30:.2f} GiB")
     return summaries, extras
 
 

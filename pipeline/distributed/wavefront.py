@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .context import JobContext, worker_device
+from .context import JobContext, worker_device, worker_peak
 
 MASK_KEYS = ("vision_mask", "answer_mask")
 
@@ -133,6 +133,7 @@ class WavefrontWorker:
                 w.append(sid, out.to("cpu"))
         del layer
         return {"group": self.group, "layer": i, "load_s": t1 - t0, "seconds": time.perf_counter() - t0,
+                "device": str(self.device), **worker_peak(),
                 **({"entropy": acc.to_dict()} if acc is not None else {})}
 
     # -- MBQ gradient pass -----------------------------------------------------------------
@@ -171,7 +172,7 @@ class WavefrontWorker:
                     grads[sid] = g_in.to("cpu")
                     stats = merge_stats(stats, st)
             del layer
-        return {"group": self.group, "stats": stats, "seconds": time.perf_counter() - t0}
+        return {"group": self.group, "stats": stats, "seconds": time.perf_counter() - t0, **worker_peak()}
 
 
 def _num_layers(config: dict[str, Any], adapter: Any) -> int:
