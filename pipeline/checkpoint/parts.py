@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,3 +145,33 @@ def read_part(
             quantized[module] = decompress_weight(tensors, scheme)
         replaced = {name: f.get_tensor(name) for name in index.replaced}
     return quantized, replaced, index.metrics
+
+
+class PartModules(Mapping[str, QuantizedWeight]):
+    """The quantized Linears of many part files by full module name, each read (and unpacked on
+    ``device``) only when asked for: a streamed reference of a 72B model then holds one layer's
+    weights, not the whole model's, and unpacking runs on the GPU instead of the CPU."""
+
+    def __init__(self, paths: list[str], device: torch.device | str = "cpu"):
+        self.device = str(device)
+        self._where: dict[str, tuple[Path, QuantScheme]] = {}
+        self.replaced: dict[str, torch.Tensor] = {}
+        for p in paths:
+            index = read_part_index(p)
+            self._where.update({m: (index.path, s) for m, s in index.schemes.items()})
+            if index.replaced:
+                with safe_open(str(index.path), framework="pt") as f:
+                    self.replaced.update({name: f.get_tensor(name) for name in index.replaced})
+
+    def __getitem__(self, module: str) -> QuantizedWeight:
+        path, scheme = self._where[module]
+        with safe_open(str(path), framework="pt", device=self.device) as f:
+            keys = set(f.keys())
+            tensors = {s: f.get_tensor(f"{module}.{s}") for s in SUFFIXES if f"{module}.{s}" in keys}
+        return decompress_weight(tensors, scheme)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

@@ -29,6 +29,7 @@ class Reference:
     logits: list[torch.Tensor]
     fp_logits: list[torch.Tensor] | None
     model_dtype: torch.dtype | None  # the dtype the reference model computed in (None: config's)
+    positions: list[torch.Tensor] | None = None  # token positions the logits are of (None: all)
 
 
 def write_reference(
@@ -37,13 +38,16 @@ def write_reference(
     logits: list[torch.Tensor],
     fp_logits: list[torch.Tensor] | None = None,
     model_dtype: torch.dtype | None = None,
+    positions: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write ``directory/validation/reference.safetensors``. ``inputs[i]`` are ``model(**inputs[i])`` kwargs
     (floating inputs are cast to the model dtype when replayed).
 
     ``logits``: the fake-quant model's (what the checkpoint must reproduce); ``fp_logits``
     (optional): the fp model's, so validate can also report KL and top-1 agreement against fp;
-    ``model_dtype``: the dtype the reference model ran in, so validate reloads in the same one.
+    ``model_dtype``: the dtype the reference model ran in, so validate reloads in the same one;
+    ``positions`` (optional): the token positions ``logits[i]`` rows are of. A real vocabulary makes
+    full logits large (700 tokens x 152k x fp32 = 0.4 GB a sample), so jobs keep a few positions.
     """
     if len(inputs) != len(logits) or not inputs:
         raise ValueError(f"need one logits tensor per input sample, got {len(inputs)} inputs, {len(logits)} logits")
@@ -63,6 +67,8 @@ def write_reference(
         tensors[f"sample{i}.logits"] = lg.detach().cpu().contiguous()
         if fp_logits is not None:
             tensors[f"sample{i}.fp_logits"] = fp_logits[i].detach().cpu().contiguous()
+        if positions is not None:
+            tensors[f"sample{i}.positions"] = positions[i].detach().cpu().to(torch.int64).contiguous()
         names.append(keys)
     path = Path(directory) / REFERENCE_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +93,10 @@ def read_reference(ckpt_dir: str | os.PathLike) -> Reference | None:
         names = json.loads(meta["inputs"])
         inputs = [{k: f.get_tensor(f"sample{i}.{k}") for k in keys} for i, keys in enumerate(names)]
         logits = [f.get_tensor(f"sample{i}.logits") for i in range(len(names))]
-        fp = None
+        fp = pos = None
         if "sample0.fp_logits" in set(f.keys()):
             fp = [f.get_tensor(f"sample{i}.fp_logits") for i in range(len(names))]
+        if "sample0.positions" in set(f.keys()):
+            pos = [f.get_tensor(f"sample{i}.positions") for i in range(len(names))]
     dtype = getattr(torch, meta["model_dtype"]) if "model_dtype" in meta else None
-    return Reference(inputs=inputs, logits=logits, fp_logits=fp, model_dtype=dtype)
+    return Reference(inputs=inputs, logits=logits, fp_logits=fp, model_dtype=dtype, positions=pos)

@@ -215,8 +215,12 @@ def _outputs(ckpt_dir: Path, n_samples: int, backend: str, device: str, rtol: fl
         return CheckResult("outputs", "fail", "the layer-streamed check runs the fake-quant reference path only")
     worst_rel, worst_abs, agree, total = 0.0, 0.0, 0, 0
     outs = []
-    for out, ref_l in zip(_checkpoint_logits(ckpt_dir, inputs, backend, device, model_dtype, stream), ref_logits):
+    positions = ref.positions or [None] * len(inputs)
+    for out, ref_l, pos in zip(_checkpoint_logits(ckpt_dir, inputs, backend, device, model_dtype, stream),
+                               ref_logits, positions):
         ref_f = ref_l.float()
+        if pos is not None:  # the reference keeps some positions' logits only
+            out = out.reshape(-1, out.shape[-1])[pos.to(out.device)]
         if out.numel() != ref_f.numel():
             return CheckResult("outputs", "fail", f"logits shape {tuple(out.shape)} != reference {tuple(ref_f.shape)}")
         out = out.reshape(ref_f.shape)  # a stored [T, V] reference against [1, T, V] logits

@@ -138,13 +138,18 @@ def part_paths(ctx: JobContext) -> list[str]:
     return sorted(str(p) for p in Path(ctx.parts_dir).glob("block_*.safetensors"))
 
 
+REFERENCE_POSITIONS = 32
+
+
 def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_reference: int = 4) -> dict[str, Any]:
     """fp and fake-quant logits of the held-out samples, decoder layers streamed one at a time
     (so the reference of a 72B model needs one layer of memory, like the capture)."""
-    from ..checkpoint.parts import read_part
+    import torch
+
+    from ..checkpoint.parts import PartModules
     from ..data.collate import load_table, row_masks, row_to_model_inputs
     from ..evaluate.fidelity import logit_fidelity, merge_fidelity, prediction_masks
-    from ..evaluate.streamed import OverlaySource, act_quant_hook, collect, streamed_logits
+    from ..evaluate.streamed import OverlaySource, act_quant_hook, streamed_logits
     from ..models import ADAPTERS
     from .models import job_source
 
@@ -158,14 +163,17 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_refe
         masks.append(prediction_masks(m["answer_mask"], m["vision_mask"]))
     device, dtype = worker_device(), ctx.torch_compute_dtype
     fp = streamed_logits(source, adapter, inputs, dtype, device)
-    quantized, replaced = collect(read_part(p)[:2] for p in parts)
-    q = streamed_logits(OverlaySource(source, quantized, replaced), adapter, inputs, dtype, device,
+    quantized = PartModules(parts, device)
+    q = streamed_logits(OverlaySource(source, quantized, quantized.replaced), adapter, inputs, dtype, device,
                         layer_hook=act_quant_hook(ctx.recipe.abits))
     fidelity = {k: merge_fidelity([logit_fidelity(a, b, m[k]) for a, b, m in zip(fp, q, masks)])
                 for k in ("answer", "text")}
-    return {"fidelity": fidelity, "inputs": inputs[:n_reference],
-            "ref_logits": [x.unsqueeze(0) for x in q[:n_reference]],
-            "ref_fp_logits": [x.unsqueeze(0) for x in fp[:n_reference]]}
+    # the stored reference keeps the last REFERENCE_POSITIONS positions (the answer's end): full
+    # logits of a real vocabulary are 0.4 GB a sample and would dominate the checkpoint's write
+    positions = [torch.arange(max(0, x.shape[0] - REFERENCE_POSITIONS), x.shape[0]) for x in q[:n_reference]]
+    return {"fidelity": fidelity, "inputs": inputs[:n_reference], "positions": positions,
+            "ref_logits": [x[p] for x, p in zip(q, positions)],
+            "ref_fp_logits": [x[p] for x, p in zip(fp, positions)]}
 
 
 def _veo_task(ctx: JobContext, table_path: str, out_path: str) -> dict[str, Any]:
@@ -257,7 +265,7 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
     def stage_hook(staging: Path) -> None:
         if ref["inputs"]:  # --holdout 0: nothing to check outputs against
             write_reference(staging, ref["inputs"], ref["ref_logits"], fp_logits=ref["ref_fp_logits"],
-                            model_dtype=ctx.torch_compute_dtype)
+                            model_dtype=ctx.torch_compute_dtype, positions=ref.get("positions"))
         report["sizes"] = {
             "before": sum(source.nbytes(k) for k in source.keys()),
             "after": checkpoint_bytes(staging),

@@ -9,7 +9,7 @@ fp source overlaid with search results (:class:`OverlaySource`), or a packed che
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,7 +108,7 @@ class OverlaySource(WeightSource):
                  replaced: Mapping[str, torch.Tensor]):
         self.base = base
         self.model_dir = base.model_dir
-        self.quantized = {f"{k}.weight": v for k, v in quantized.items()}
+        self.quantized = quantized  # by module name; may be lazy (PartModules): never iterated
         self.replaced = dict(replaced)
 
     @property
@@ -125,10 +125,11 @@ class OverlaySource(WeightSource):
         return self.base.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        if name in self.quantized:
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module is not None and module in self.quantized:
             # exact (q - zero) * scale; the layer builder casts to the compute dtype, as the
             # checkpoint loader does
-            return self.quantized[name].dequantize(torch.float32)
+            return self.quantized[module].dequantize(torch.float32)
         if name in self.replaced:
             return self.replaced[name].to(self.base.dtype(name))
         return self.base.get(name)
@@ -146,13 +147,3 @@ def act_quant_hook(act_bits: int) -> Callable[[int, nn.Module], None] | None:
                 mod.register_forward_pre_hook(act_quant_pre_hook(act_bits))
 
     return hook
-
-
-def collect(iterable: Iterable[tuple[dict, dict]]) -> tuple[dict, dict]:
-    """Merge (quantized, replaced) pairs of several part files."""
-    q: dict = {}
-    r: dict = {}
-    for a, b in iterable:
-        q.update(a)
-        r.update(b)
-    return q, r

@@ -41,6 +41,22 @@ def test_round_trip_is_exact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["block-003.safetensors"]  # no temp file left
 
 
+def test_lazy_part_modules_equal_the_written_weights(tmp_path):
+    """PartModules (the streamed reference's reader) gives each module exactly as written, from
+    whichever part holds it, and the replaced tensors of all parts."""
+    res0, res1 = _result(0), _result(1)
+    p0 = P.write_part(tmp_path / "block_0000.safetensors", res0, lambda k: PREFIX + k)
+    p1 = P.write_part(tmp_path / "block_0001.safetensors", res1, lambda k: PREFIX.replace("layers.", "other.") + k)
+    lazy = P.PartModules([str(p0), str(p1)])
+    assert len(lazy) == 4 and set(lazy) == {PREFIX + k for k in res0.quantized} | {
+        PREFIX.replace("layers.", "other.") + k for k in res1.quantized}
+    for prefix, res in ((PREFIX, res0), (PREFIX.replace("layers.", "other."), res1)):
+        for k, qw in res.quantized.items():
+            torch.testing.assert_close(lazy[prefix + k].dequantize(torch.float64), qw.dequantize(torch.float64),
+                                       rtol=0, atol=0)
+        assert torch.equal(lazy.replaced[prefix + "3.input_layernorm.weight"], res.replaced["3.input_layernorm.weight"])
+
+
 def test_crashed_writer_leaves_no_part(tmp_path, monkeypatch):
     """The writer dies after writing half the bytes: the final name must not exist, nor any readable file."""
 
