@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h200-x4 if `status` lists it, else nvidia-h200-x2): the 72B-shape job of
+# issue 6 end to end -- wall time per stage, peak GPU memory per worker, peak store bytes.
+# Usage (device tool, carry [".whl"]): bash benchmarks/pipeline/run_72b.sh [num_samples]
+# Expect ~10 min on 4 GPUs at 128 samples (7B measurements scaled by layer size); use 64 on x2.
+set -u
+N=${1:-128}
+t0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD VLMQ_CACHE=/tmp/vlmq-cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"; df -h /tmp | tee -a "$OUT/gpu.txt"
+python3 -m pipeline.cli plan --model synthetic:qwen2-vl-72b 2>&1 | tail -20 | tee "$OUT/plan.txt"
+timeout ${Q_TIMEOUT:-540} python3 -m pipeline.cli quantize --model synthetic:qwen2-vl-72b --calib builtin \
+  --num-samples $N --holdout 2 --method mbq --wbits 3 --group-size 128 --out /tmp/q72b --store /tmp/acts-72b \
+  > /dev/null 2> "$OUT/q72b.err"; echo "quantize rc=$?"
+cp /tmp/q72b.work/result.json "$OUT/q72b_result.json" 2>/dev/null
+grep -v "logging.cc\|^    @\|^PC:\|━" "$OUT/q72b.err" | tail -c 12000 > "$OUT/q72b_log.txt"; rm -f "$OUT/q72b.err"
+python3 -c "import json; r=json.load(open('$OUT/q72b_result.json')); print('stages', {k: round(v,1) for k,v in r['stages_s'].items()}, 'total', round(sum(r['stages_s'].values()),1)); print('phases', r.get('phases_s')); print('resources', r.get('resources')); print('validation', r['validation']['ok'])" 2>&1
+tail -25 "$OUT/q72b_log.txt"
+echo "total $(( $(date +%s) - t0 ))s"
