@@ -84,14 +84,18 @@ def plan_shards(layer_bytes: list[int], n_gpus: int, gpu_bytes: int, first_extra
 def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], tokens: int,
                  act_bytes: int = 2) -> dict[str, int]:
     """What one vlmq worker holds at its peak (the capture and search hold one decoder layer):
-    capture = head + one layer + one sample's activations; search = one layer + the inputs of its
+    capture = head + one layer + one sample's activations; gradient (MBQ) = the same + one sample's
+    fp32 logits and their gradient (2048 tokens); search = one layer + the inputs of its
     Linear groups for every calibration token (q/k/v, o, gate/up: hidden wide; down: intermediate)."""
     text = config.get("text_config") or config
     hidden, inter = int(text["hidden_size"]), int(text.get("intermediate_size", 4 * int(text["hidden_size"])))
     layer = max(layer_bytes)
     head = sum(other.values())
     group_inputs = tokens * (3 * hidden + inter) * act_bytes
+    vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
     return {"head": head, "layer": layer, "capture": head + layer + 4 * 2048 * hidden * act_bytes,
+            # MBQ's gradient pass: the answer loss needs one sample's logits and their gradient in fp32
+            "gradient": head + layer + 2 * 2048 * vocab * 4,
             "search": layer + group_inputs, "tokens": tokens}
 
 
@@ -129,11 +133,13 @@ def format_plan(plan: ShardPlan) -> str:
     lines = [f"{len(plan.layer_bytes)} decoder layers, {plan.layer_bytes[0] / GIB:.2f} GiB each (first); "
              f"other parts: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.extras.items() if v)]
     if w:
-        need = max(w["capture"], w["search"])
+        need = max(w["capture"], w["gradient"], w["search"])
         verdict = "fits" if need <= plan.gpu_bytes * 0.9 else "does NOT fit"
         lines += ["", "vlmq quantize (one decoder layer resident per worker, any number of GPUs):",
                   f"  capture worker peak ~ {w['capture'] / GIB:.1f} GiB (head {w['head'] / GIB:.1f} + one layer "
                   f"{w['layer'] / GIB:.2f} + one sample's activations)",
+                  f"  gradient pass (MBQ) ~ {w['gradient'] / GIB:.1f} GiB (head + one layer + one sample's fp32 "
+                  f"logits and their gradient)",
                   f"  search worker peak  ~ {w['search'] / GIB:.1f} GiB (one layer + its group inputs for "
                   f"{w['tokens']} calibration tokens)",
                   f"  -> {verdict} a {plan.gpu_bytes / GIB:.0f} GiB GPU; more GPUs divide the work, not the memory"]

@@ -164,13 +164,18 @@ def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (32 - k)) - 1)
 
 
-def hash_uniform(n: int, seed: int, device: torch.device | str = "cpu", chunk: int = 1 << 24) -> torch.Tensor:
+def hash_uniform(n: int, seed: int, device: torch.device | str = "cpu", chunk: int = 1 << 24,
+                 transform: Any = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``n`` floats uniform in [-1, 1): murmur3's 32-bit finalizer of (index * golden + seed),
-    in wrapping int32 arithmetic — a pure function of (seed, index), identical on any device."""
+    in wrapping int32 arithmetic — a pure function of (seed, index), identical on any device.
+
+    ``transform`` (elementwise, fp32 -> fp32) and the cast to ``dtype`` are applied chunk by chunk,
+    so a bf16 tensor never has an fp32 twin of its whole size (2.2 GB for a 7B embedding, 5 GB
+    for a 72B one: it was the capture worker's peak)."""
     if n >= 2**31:
         raise ValueError(f"tensor of {n} elements is too large for the synthetic generator")
     seed32 = ((seed & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000  # as a signed int32
-    out = torch.empty(n, dtype=torch.float32, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         h = torch.arange(start, start + m, dtype=torch.int32, device=device) * _GOLDEN32 + seed32
@@ -179,7 +184,8 @@ def hash_uniform(n: int, seed: int, device: torch.device | str = "cpu", chunk: i
         h = h ^ _shr(h, 13)
         h = h * _C2
         h = h ^ _shr(h, 16)
-        out[start:start + m] = _shr(h, 8).to(torch.float32) * (2.0 / (1 << 24)) - 1.0
+        u = _shr(h, 8).to(torch.float32) * (2.0 / (1 << 24)) - 1.0
+        out[start:start + m] = transform(u) if transform is not None else u
     return out
 
 
@@ -190,18 +196,22 @@ def tensor_seed(model: str, name: str) -> int:
 def synthetic_tensor(model: str, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     n = math.prod(shape)
-    u = hash_uniform(n, tensor_seed(model, name), device).reshape(shape)
     if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
             or "layernorm" in name or name.endswith("ln.weight"):
-        t = 1.0 + 0.05 * u
+        def transform(u: torch.Tensor) -> torch.Tensor:
+            return 1.0 + 0.05 * u
     elif name.endswith(".bias"):
-        t = 0.02 * u
+        def transform(u: torch.Tensor) -> torch.Tensor:
+            return 0.02 * u
     elif len(shape) >= 2:
-        fan_in = math.prod(shape[1:])
-        t = u * (math.sqrt(3.0 / fan_in))  # uniform with std 1/sqrt(fan_in)
+        bound = math.sqrt(3.0 / math.prod(shape[1:]))  # uniform with std 1/sqrt(fan_in)
+
+        def transform(u: torch.Tensor) -> torch.Tensor:
+            return u * bound
     else:
-        t = 0.02 * u
-    return t.to(dtype)
+        def transform(u: torch.Tensor) -> torch.Tensor:
+            return 0.02 * u
+    return hash_uniform(n, tensor_seed(model, name), device, transform=transform, dtype=dtype).reshape(shape)
 
 
 class SyntheticWeightSource(WeightSource):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from pipeline.distributed.planner import GIB, plan_shards
+from pipeline.distributed.planner import GIB, plan_shards, worker_peaks
 from pipeline.errors import VlmqError
 
 
@@ -41,3 +41,12 @@ def test_too_big_names_the_fix():
     with pytest.raises(VlmqError) as e:
         plan_shards([10 * GIB] * 8, 2, 24 * GIB)
     assert "does not fit" in e.value.problem and "--gpus" in e.value.fix
+
+
+def test_worker_peaks_by_hand():
+    """Hand-worked: hidden 1000, intermediate 3000, vocab 500, layers of 10 and 12 bytes, head 7 + 3."""
+    cfg = {"text_config": {"hidden_size": 1000, "intermediate_size": 3000, "vocab_size": 500}}
+    w = worker_peaks(cfg, [10, 12], {"embed": 7, "lm_head": 3}, tokens=100)
+    assert w["capture"] == 10 + 12 + 4 * 2048 * 1000 * 2
+    assert w["gradient"] == 10 + 12 + 2 * 2048 * 500 * 4  # fp32 logits + their gradient, one sample
+    assert w["search"] == 12 + 100 * (3 * 1000 + 3000) * 2

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.distributed.planner import GIB, plan_from_model
 from pipeline.models.synthetic import (SyntheticWeightSource, hash_uniform, materialize_synthetic,
-                                       synthetic_names, synthetic_tensor)
+                                       synthetic_names, synthetic_tensor, tensor_seed)
 
 
 def test_hash_uniform_statistics_and_chunk_independence():
@@ -25,6 +25,22 @@ def test_tensor_scale_follows_fan_in():
     assert abs(w.std().item() - 4096 ** -0.5) / 4096 ** -0.5 < 0.02
     n = synthetic_tensor("m", "x.input_layernorm.weight", (4096,), torch.float32)
     assert (n - 1).abs().max() <= 0.05
+
+
+def test_chunked_bf16_generation_equals_the_whole_tensor_in_fp32_then_cast():
+    """Generation applies the scale and the cast chunk by chunk (no fp32 copy of a whole bf16
+    tensor); the values must be those of scaling the whole fp32 tensor and casting once."""
+    import math
+
+    shape = (300, 1001)  # 300,300 elements over 5 chunks of 2^16: chunk edges inside rows
+    seed = tensor_seed("m", "x.up_proj.weight")
+    want = (hash_uniform(300 * 1001, seed) * math.sqrt(3.0 / 1001)).to(torch.bfloat16).reshape(shape)
+    got = hash_uniform(300 * 1001, seed, chunk=1 << 16, transform=lambda u: u * math.sqrt(3.0 / 1001),
+                       dtype=torch.bfloat16).reshape(shape)
+    assert torch.equal(got, want)
+    assert torch.equal(synthetic_tensor("m", "x.up_proj.weight", shape, torch.bfloat16), want)
+    norm = synthetic_tensor("m", "x.input_layernorm.weight", (777,), torch.bfloat16)
+    assert torch.equal(norm, (1.0 + 0.05 * hash_uniform(777, tensor_seed("m", "x.input_layernorm.weight"))).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("name,params_b", [("qwen2-vl-7b", 8.29), ("qwen2-vl-72b", 73.4)])
