@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import (GroupInputs, TokenChunk, Weighting, capture_group_inputs, compute_dtype, error_sum,
-                     foldable, folded_tensors, is_qk, replay)
+from .groups import (GroupInputs, TokenChunk, Weighting, capture_group_inputs, capture_groups_inputs,
+                     compute_dtype, error_sum, foldable, folded_tensors, is_qk, replay)
 from .quantizer import (QuantizedWeight, QuantScheme, compute_qparams, fake_quantize_activations,
                         quantize_weight)
 from .types import BlockCalib, BlockResult, LinearGroup, Sample, SearchSettings
@@ -49,6 +49,9 @@ class ScaleOptions:
     clip_budget: int = 1 << 24  # max elements of one [tokens, rows, groups] clip-error tensor
     search_dtype: str = "auto"  # "auto": fp32 on CPU, the activations' 16-bit dtype on CUDA | "float32"
     alpha: float = 0.5  # SmoothQuant migration strength
+    # capture every group's inputs in one layer pass (peak: all groups' inputs, as the planner
+    # counts) rather than one pass per group (peak: one group's inputs, 3 more layer forwards)
+    capture_together: bool = True
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> ScaleOptions:
@@ -268,10 +271,15 @@ def scale_search_layer(
     ratios: dict[str, torch.Tensor] = {}
     metrics: dict[str, Any] = {}
     times = {"capture": 0.0, "scales": 0.0, "clip": 0.0, "finalize": 0.0}
+    t0 = time.perf_counter()
+    captured = (capture_groups_inputs(layer, samples, [g.linears[0] for g in settings.groups], device,
+                                      opts.chunk_tokens) if opts.capture_together else {})
+    times["capture"] += time.perf_counter() - t0
     for group in settings.groups:
         t0 = time.perf_counter()
         why_not = foldable(layer, group)
-        inputs = capture_group_inputs(layer, samples, group.linears[0], device, opts.chunk_tokens)
+        inputs = captured.pop(group.linears[0], None) or capture_group_inputs(layer, samples, group.linears[0],
+                                                                              device, opts.chunk_tokens)
         cdt = compute_dtype(inputs.chunks[0].x.dtype)
         ws = [layer.get_parameter(f"{n}.weight").detach().to(device=device, dtype=cdt) for n in group.linears]
         w = torch.cat(ws)

@@ -96,7 +96,91 @@ class GroupInputs:
         return TokenChunk(torch.cat(xs), torch.cat(vs), torch.cat(ans))
 
 
+class _InputsBuilder:
+    """Accumulates one Linear's inputs into fixed-size token chunks plus the |X| statistics."""
+
+    def __init__(self, device: torch.device | str, chunk_tokens: int):
+        self.device, self.chunk_tokens = device, chunk_tokens
+        self.chunks: list[TokenChunk] = []
+        self.buf: list[TokenChunk] = []
+        self.buffered = 0
+        self.abs_sum: torch.Tensor | None = None
+        self.abs_max: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, smp: Sample) -> None:
+        x = x.to(self.device)
+        xa = x.to(compute_dtype(x.dtype)).abs()
+        self.abs_sum = xa.sum(0) if self.abs_sum is None else self.abs_sum + xa.sum(0)
+        self.abs_max = xa.amax(0) if self.abs_max is None else torch.maximum(self.abs_max, xa.amax(0))
+        vis = smp.vision_mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+        ans = smp.answer_mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+        if vis.numel() != x.shape[0] or ans.numel() != x.shape[0]:
+            raise ValueError(f"masks of length {vis.numel()}/{ans.numel()} for a sample of {x.shape[0]} tokens")
+        self.buf.append(TokenChunk(x, vis, ans))
+        self.buffered += x.shape[0]
+        if self.buffered >= self.chunk_tokens:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        if not self.buf:
+            return
+        x = torch.cat([b.x for b in self.buf])
+        v = torch.cat([b.vision for b in self.buf])
+        a = torch.cat([b.answer for b in self.buf])
+        n = self.chunk_tokens
+        stop = x.shape[0] if final else (x.shape[0] // n) * n
+        for s in range(0, stop, n):
+            self.chunks.append(TokenChunk(x[s:s + n], v[s:s + n], a[s:s + n]))
+        self.buf = [TokenChunk(x[stop:], v[stop:], a[stop:])] if stop < x.shape[0] else []
+        self.buffered = x.shape[0] - stop
+
+    def result(self) -> GroupInputs:
+        self.flush(final=True)
+        if not self.chunks:
+            raise ValueError("no calibration tokens: the block received no samples")
+        n = sum(c.x.shape[0] for c in self.chunks)
+        return GroupInputs(self.chunks, self.abs_sum / n, self.abs_max)  # type: ignore[operator,arg-type]
+
+
 @torch.no_grad()
+def capture_groups_inputs(
+    layer: nn.Module,
+    samples: Iterable[Sample],
+    linear_paths: Sequence[str],
+    device: torch.device | str,
+    chunk_tokens: int = 2048,
+) -> dict[str, GroupInputs]:
+    """Run the fp ``layer`` once over every sample and keep what each of ``linear_paths`` receives.
+
+    One pass for all groups: the search's group inputs are the fp layer's, so they need not be
+    recomputed per group (a layer forward per group was a third of a 7B block's search time on
+    the H100). Peak memory is the layer plus every listed group's inputs, which is what the
+    planner's search peak counts. The layer runs on its own device; the kept rows go to ``device``.
+    """
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in linear_paths}
+    builders = {p: _InputsBuilder(device, chunk_tokens) for p in linear_paths}
+
+    def hook_for(path: str):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            seen[path].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return hook
+
+    handles = [layer.get_submodule(p).register_forward_pre_hook(hook_for(p)) for p in linear_paths]
+    try:
+        for smp in samples:
+            for v in seen.values():
+                v.clear()
+            replay(layer, smp)
+            for path, got in seen.items():
+                if len(got) != 1:
+                    raise RuntimeError(f"{path} ran {len(got)} times in one layer forward; expected once")
+                builders[path].add(got[0], smp)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: b.result() for p, b in builders.items()}
+
+
 def capture_group_inputs(
     layer: nn.Module,
     samples: Iterable[Sample],
@@ -104,62 +188,9 @@ def capture_group_inputs(
     device: torch.device | str,
     chunk_tokens: int = 2048,
 ) -> GroupInputs:
-    """Run the fp ``layer`` on every sample and keep what ``linear_path`` receives.
-
-    One group at a time, so peak memory is the layer plus one group's inputs. The layer itself
-    runs on its own device; the kept rows go to ``device``.
-    """
-    lin = layer.get_submodule(linear_path)
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple) -> None:
-        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-    chunks: list[TokenChunk] = []
-    buf: list[TokenChunk] = []
-    buffered = 0
-    abs_sum: torch.Tensor | None = None
-    abs_max: torch.Tensor | None = None
-
-    def flush(final: bool) -> None:
-        nonlocal buf, buffered
-        if not buf:
-            return
-        x = torch.cat([b.x for b in buf])
-        v = torch.cat([b.vision for b in buf])
-        a = torch.cat([b.answer for b in buf])
-        stop = x.shape[0] if final else (x.shape[0] // chunk_tokens) * chunk_tokens
-        for s in range(0, stop, chunk_tokens):
-            chunks.append(TokenChunk(x[s:s + chunk_tokens], v[s:s + chunk_tokens], a[s:s + chunk_tokens]))
-        buf = [TokenChunk(x[stop:], v[stop:], a[stop:])] if stop < x.shape[0] else []
-        buffered = x.shape[0] - stop
-
-    handle = lin.register_forward_pre_hook(hook)
-    try:
-        for smp in samples:
-            seen.clear()
-            replay(layer, smp)
-            if len(seen) != 1:
-                raise RuntimeError(f"{linear_path} ran {len(seen)} times in one layer forward; expected once")
-            x = seen[0].to(device)
-            xa = x.to(compute_dtype(x.dtype)).abs()
-            abs_sum = xa.sum(0) if abs_sum is None else abs_sum + xa.sum(0)
-            abs_max = xa.amax(0) if abs_max is None else torch.maximum(abs_max, xa.amax(0))
-            vis = smp.vision_mask.reshape(-1).to(device=device, dtype=torch.bool)
-            ans = smp.answer_mask.reshape(-1).to(device=device, dtype=torch.bool)
-            if vis.numel() != x.shape[0] or ans.numel() != x.shape[0]:
-                raise ValueError(f"masks of length {vis.numel()}/{ans.numel()} for a sample of {x.shape[0]} tokens")
-            buf.append(TokenChunk(x, vis, ans))
-            buffered += x.shape[0]
-            if buffered >= chunk_tokens:
-                flush(final=False)
-        flush(final=True)
-    finally:
-        handle.remove()
-    if not chunks:
-        raise ValueError("no calibration tokens: the block received no samples")
-    n = sum(c.x.shape[0] for c in chunks)
-    return GroupInputs(chunks, abs_sum / n, abs_max)  # type: ignore[operator,arg-type]
+    """What ``linear_path`` receives from the fp ``layer`` over every sample (one group's inputs:
+    peak memory is the layer plus that group's inputs)."""
+    return capture_groups_inputs(layer, samples, [linear_path], device, chunk_tokens)[linear_path]
 
 
 # ------------------------------------------------------------------------------------ losses

@@ -173,6 +173,29 @@ def test_captured_chunks_and_subsample_keep_tokens_aligned():
     assert torch.equal(sub.x, x[idx]) and torch.equal(sub.vision, vis[idx]) and torch.equal(sub.answer, ans[idx])
 
 
+def test_one_pass_capture_equals_per_group_capture_and_the_same_search():
+    """All groups' inputs from one layer pass are those of one pass per group (each checked against
+    a separately hooked forward), and the search result is the same either way, to the bit."""
+    from pipeline.quant.groups import capture_groups_inputs
+
+    layer, cfg = decoder_layer("llama", seed=5, outliers=2)
+    smps = samples(cfg, n=3, tokens=12, seed=int(torch.randint(0, 1000, ())))
+    paths = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    together = capture_groups_inputs(layer, smps, paths, "cpu", chunk_tokens=16)
+    for p in paths:
+        x = _capture(layer, smps, p)
+        assert torch.equal(torch.cat([c.x for c in together[p].chunks]), x)
+        assert torch.equal(together[p].absmax, x.abs().amax(0))
+    st = settings(bits=3, group=32, clip=True, grid=4)
+    one = search_awq([layer], [0], BlockCalib(smps), st)
+    st_sep = settings(bits=3, group=32, clip=True, grid=4, capture_together=False)
+    sep = search_awq([layer], [0], BlockCalib(smps), st_sep)
+    for k, qw in one.quantized.items():
+        assert torch.equal(qw.qweight, sep.quantized[k].qweight) and torch.equal(qw.scale, sep.quantized[k].scale)
+    for k, t in one.replaced.items():
+        assert torch.equal(t, sep.replaced[k])
+
+
 def test_multi_layer_block_uses_fp_inputs_of_each_layer():
     l0, cfg = decoder_layer("llama", seed=11, outliers=2)
     l1, _ = decoder_layer("llama", seed=12, outliers=2)
