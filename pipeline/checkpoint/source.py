@@ -18,8 +18,12 @@ from .loader import _Shards, quantized_modules, read_config, weight_map
 
 
 class CheckpointSource(WeightSource):
-    def __init__(self, ckpt_dir: str | os.PathLike):
+    """``device``: where packed codes are unpacked and dequantized (the GPU the layers run on: on
+    the CPU, unpacking a 7B checkpoint's 6.5 B codes is most of a layer-streamed validation)."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike, device: torch.device | str = "cpu"):
         self.model_dir = Path(ckpt_dir)
+        self.device = torch.device(device)
         config = read_config(self.model_dir)
         self.qconfig = config.get("quantization_config") or {}
         self._config = {k: v for k, v in config.items() if k != "quantization_config"}
@@ -71,7 +75,7 @@ class CheckpointSource(WeightSource):
         mod = self._quantized(name)
         if mod is None:
             return self._shards.get(name)
-        tensors = {s: self._shards.get(f"{mod}.{s}") for s in SUFFIXES if f"{mod}.{s}" in self.wmap}
+        tensors = {s: self._shards.get(f"{mod}.{s}").to(self.device) for s in SUFFIXES if f"{mod}.{s}" in self.wmap}
         # exact (q - zero) * scale; the layer builder casts to the compute dtype, as the loader does
         return decompress_weight(tensors, self.schemes[mod]).dequantize(torch.float32)
 

@@ -183,7 +183,7 @@ def _checkpoint_logits(ckpt_dir: Path, inputs: list, backend: str, device: str, 
         from ..models import detect_adapter
         from .source import CheckpointSource
 
-        src = CheckpointSource(ckpt_dir)
+        src = CheckpointSource(ckpt_dir, device=device)
         return streamed_logits(src, detect_adapter(src.config_dict), inputs, model_dtype, device,
                                layer_hook=act_quant_hook(act_bits_of(src.qconfig)))
     model = load_quantized_model(ckpt_dir, backend=backend, dtype=model_dtype, device=device)
