@@ -5,11 +5,8 @@
 # Expect ~10 min on 4 GPUs at 128 samples (7B measurements scaled by layer size); use 64 on x2.
 set -u
 N=${1:-128}
-t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD VLMQ_CACHE=/tmp/vlmq-cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"; df -h /tmp | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
+df -h /tmp | tee -a "$OUT/gpu.txt"
 python3 -m pipeline.cli plan --model synthetic:qwen2-vl-72b 2>&1 | tail -20 | tee "$OUT/plan.txt"
 timeout ${Q_TIMEOUT:-540} python3 -m pipeline.cli quantize --model synthetic:qwen2-vl-72b --calib builtin \
   --num-samples $N --holdout 2 --method mbq --wbits 3 --group-size 128 --out /tmp/q72b --store /tmp/acts-72b \

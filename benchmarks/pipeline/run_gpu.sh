@@ -2,12 +2,7 @@
 # One device call: Ray from carried wheels, GPU checks, then the 7B-shape MBQ W3 timing.
 # Usage (device tool, carry [".whl"]): bash benchmarks/pipeline/run_gpu.sh
 set -u
-t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD VLMQ_CACHE=/tmp/vlmq-cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, triton, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'ray', ray.__version__)" | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 [ -z "${SKIP_TESTS:-}" ] && timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/pipeline/test_synthetic.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 if [ -n "${DIAG:-}" ]; then timeout ${DIAG_TIMEOUT:-150} python3 benchmarks/pipeline/diag_capture.py $DIAG > "$OUT/diag.log" 2>&1; grep -v Warn "$OUT/diag.log" | tail -40; fi
 echo "setup done after $(( $(date +%s) - t0 ))s"

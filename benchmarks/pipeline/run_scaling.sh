@@ -4,11 +4,7 @@
 # Usage (device tool, carry [".whl"]): bash benchmarks/pipeline/run_scaling.sh [num_samples]
 set -u
 N=${1:-64}
-t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD VLMQ_CACHE=/tmp/vlmq-cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 for G in 1 2; do
   timeout ${Q_TIMEOUT:-260} python3 -m pipeline.cli quantize --model synthetic:qwen2-vl-7b --calib builtin \
     --num-samples $N --holdout 2 --method mbq --wbits 3 --group-size 128 --num-gpus $G --out /tmp/q7b-g$G --keep-work \
