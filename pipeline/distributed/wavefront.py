@@ -143,7 +143,7 @@ class WavefrontWorker:
         from ..data.collate import load_table, row_labels
         from ..evaluate.streamed import build_head
         from ..models.loading import build_layers
-        from ..quant.sensitivity import HeadLoss, merge_stats, range_sensitivity
+        from ..quant.sensitivity import HeadLoss, merge_stats, range_sensitivity, stats_to_floats
 
         t0 = time.perf_counter()
         table = load_table(self.table_path)
@@ -163,6 +163,7 @@ class WavefrontWorker:
         stats: dict = {}
         for i in reversed(range(self.n_layers)):
             (layer,) = build_layers(self.source, self.adapter, [i], dtype=self.dtype, device=self.device)
+            layer_stats: dict = {}
             for chunk in self.store.iter_layer(i):
                 for sid, h in chunk:
                     meta = self._meta_of(sid)
@@ -170,7 +171,8 @@ class WavefrontWorker:
                                                  meta["vision_mask"], meta["answer_mask"],
                                                  grad_out=grads[sid].to(self.device))
                     grads[sid] = g_in.to("cpu")
-                    stats = merge_stats(stats, st)
+                    layer_stats = merge_stats(layer_stats, st, lazy=True)
+            stats = merge_stats(stats, stats_to_floats(layer_stats))  # one host sync per layer
             del layer
         return {"group": self.group, "stats": stats, "seconds": time.perf_counter() - t0, **worker_peak()}
 

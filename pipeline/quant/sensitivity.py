@@ -60,15 +60,21 @@ def empty_stats(layer_ids: Sequence[int]) -> Stats:
     return {int(i): {k: 0.0 for key in _KEYS for k in (key, f"{key}_n")} for i in layer_ids}
 
 
-def merge_stats(*parts: Mapping[Any, Mapping[str, float]]) -> Stats:
-    """Add stats of several samples / shards (keys may be ints or JSON strings)."""
+def merge_stats(*parts: Mapping[Any, Mapping[str, Any]], lazy: bool = False) -> Stats:
+    """Add stats of several samples / shards (keys may be ints or JSON strings). Values may be
+    device tensors (what the gradient hooks produce); ``lazy=True`` keeps sums as tensors (no host
+    sync: merge a layer's samples, then :func:`stats_to_floats` once), else floats."""
     out: Stats = {}
     for part in parts:
         for i, d in part.items():
             acc = out.setdefault(int(i), {k: 0.0 for key in _KEYS for k in (key, f"{key}_n")})
             for k, v in d.items():
-                acc[k] += float(v)
+                acc[k] = acc[k] + (v if lazy and isinstance(v, torch.Tensor) else float(v))
     return out
+
+
+def stats_to_floats(stats: Mapping[Any, Mapping[str, Any]]) -> Stats:
+    return {int(i): {k: float(v) for k, v in d.items()} for i, d in stats.items()}
 
 
 def ratios(stats: Mapping[Any, Mapping[str, float]], floor: str = "median") -> dict[int, dict[str, float]]:
@@ -121,12 +127,15 @@ def _hook_outputs(layers: Sequence[nn.Module], layer_ids: Sequence[int], stats: 
     handles = []
 
     def reduce_into(i: int, part: str, grad: torch.Tensor) -> None:
+        # masked means as device tensors: no host sync inside the backward (per sample and layer,
+        # boolean indexing + .any() + float() were ~12 syncs that stalled the GPU's queue)
         g = grad.detach().reshape(-1, grad.shape[-1]).abs().float()
         for mask, key in ((vision_mask, "vis"), (answer_mask, "ans")):
-            m = mask.reshape(-1).to(device=g.device, dtype=torch.bool)
-            if m.any():
-                stats[i][f"{part}_{key}"] += float(g[m].mean())
-                stats[i][f"{part}_{key}_n"] += 1.0
+            m = mask.reshape(-1).to(device=g.device, dtype=g.dtype)
+            n = m.sum()
+            has = (n > 0).to(g.dtype)
+            stats[i][f"{part}_{key}"] = stats[i][f"{part}_{key}"] + (m @ g).sum() / (n * g.shape[1]).clamp(min=1) * has
+            stats[i][f"{part}_{key}_n"] = stats[i][f"{part}_{key}_n"] + has
 
     def fwd(i: int, part: str):
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
@@ -177,7 +186,7 @@ def model_sensitivity(
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return stats_to_floats(stats)
 
 
 def range_sensitivity(
@@ -196,7 +205,8 @@ def range_sensitivity(
     ([T, C] or [1, T, C]) with the decoder-layer kwargs, then backpropagates either
     ``grad_out`` (dL/d output, from the next shard) or, on the last shard, ``loss_fn(output)``
     (e.g. ``HeadLoss(norm, lm_head, labels)``). Returns (dL/d hidden_in, same shape as
-    ``hidden_in``, for the previous shard; this range's stats).
+    ``hidden_in``, for the previous shard; this range's stats, as device tensors so the pass never
+    waits on the host: sum them with ``merge_stats(..., lazy=True)``, read them with ``stats_to_floats``).
     """
     if (grad_out is None) == (loss_fn is None):
         raise ValueError("pass exactly one of grad_out (inner shard) and loss_fn (last shard)")
