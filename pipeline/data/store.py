@@ -247,6 +247,11 @@ class ActivationStore:
         fresh = any(i.mtime is None or (now - i.mtime).total_seconds() < self.stale_after for i in markers)
         return "writing" if fresh else "stale"
 
+    def layer_bytes(self, layer: int) -> int:
+        """Size of a complete layer's stream (0 when it is not complete)."""
+        info = self.fs.get_file_info(self._path(self.layer_name(layer)))
+        return int(info.size or 0) if info.type == pafs.FileType.File else 0
+
     def complete_layers(self) -> list[int]:
         return sorted(lay for lay, kind, _, _ in self._entries() if kind is None)
 

@@ -56,7 +56,7 @@ def test_completeness_marker_and_delete(tmp_path):
     w = store.writer(1)
     for sid, t in rows:
         w.append(sid, t)
-    assert not store.is_complete(1) and store.layer_state(1) == "writing"
+    assert not store.is_complete(1) and store.layer_state(1) == "writing" and store.layer_bytes(1) == 0
     assert store.complete_layers() == [] and "layer_0001.arrow" not in _files(tmp_path)
     with pytest.raises(RuntimeError, match="not complete"):
         next(store.iter_layer(1))
@@ -65,6 +65,7 @@ def test_completeness_marker_and_delete(tmp_path):
     assert store.layer_state(1) == "stale"  # writer went quiet: treated as abandoned
     w.close()
     assert store.is_complete(1) and store.layer_state(1) == "complete" and store.complete_layers() == [1]
+    assert store.layer_bytes(1) == os.path.getsize(tmp_path / "layer_0001.arrow") > sum(t.numel() * 4 for _, t in rows)
     assert _files(tmp_path) == ["layer_0001.arrow", "meta"]  # no temp or marker left
     store.delete(1)
     assert store.layer_state(1) == "absent" and store.bytes_used() == 0 and _files(tmp_path) == ["meta"]
