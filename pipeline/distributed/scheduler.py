@@ -58,6 +58,17 @@ def capture_summary(stats: list[dict[str, Any]]) -> str:
             f"{total - load:.1f}s forward + store) on {', '.join(devices)}")
 
 
+STATUS_EVERY_S = 30.0  # a status line (phase, blocks, store bytes, ETA) in the job log this often
+
+
+def phase_eta(done: int, total: int, elapsed: float, phase: str) -> str:
+    """``"<phase> ETA 1m05s"`` at the pace so far (a linear estimate; empty before any progress)."""
+    if done <= 0 or total <= done or elapsed <= 0:
+        return ""
+    left = round(elapsed / done * (total - done))
+    return f"{phase} ETA {left // 60}m{left % 60:02d}s" if left >= 60 else f"{phase} ETA {left}s"
+
+
 def peak_gpu_by_worker(records: list[dict[str, Any]]) -> dict[int, int]:
     """Peak GPU bytes of each worker process (keyed by pid) over the records it returned."""
     peaks: dict[int, int] = {}
@@ -133,6 +144,7 @@ class CaptureAndSearch:
                 calls[prev] = (g, i)
             last_ref[g] = prev
         left = {i: n_groups for i in range(-1, n_layers)}  # capture calls left per layer
+        n_calls, resumed = len(calls), len(self.done_blocks)
         at = [-1] * n_groups  # the layer each group has passed: the live view's per-group position
         search_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False,
                                  **placement(self.ray_ctx))(self.search_fn)
@@ -208,13 +220,20 @@ class CaptureAndSearch:
                 if capture:
                     self._delete_unneeded(passed, st["blocks"], not need_backward or st["phase_done"])
                 now = time.perf_counter()
-                if now - last_note > 30:
+                if now - last_note > STATUS_EVERY_S:
                     last_note = now
                     blocks = st["blocks"]
                     cap = (f"capture groups at layer {','.join(map(str, at))} of {n_layers}, " if calls else "")
+                    if calls:  # the capture's ETA from its own pace
+                        eta = phase_eta(n_calls - len(calls), n_calls, now - t0, "capture")
+                    elif "search start" in self.events and blocks:
+                        eta = phase_eta(len(self.summaries), len(blocks) - resumed, now - t0 - self.events["search start"],
+                                        "search")
+                    else:
+                        eta = "gradient pass running" if backward_refs else ""
                     self.view.info(f"status: {cap}{len(self.done_blocks)}/{len(blocks) if blocks else '?'} blocks "
                                    f"done, {len(running)} running, store {self.store_bytes() / 2**30:.2f} GiB, "
-                                   f"{now - t0:.0f}s")
+                                   f"{now - t0:.0f}s" + (f", {eta}" if eta else ""))
         self.events["search end"] = time.perf_counter() - t0
         if "search start" in self.events:
             self.view.info(f"search: {len(self.summaries)} blocks in "

@@ -24,3 +24,11 @@ def test_capture_summary_splits_build_and_forward():
              {"layer": 1, "load_s": 0.25, "seconds": 1.5, "device": "cuda:0"}, {"layer": 2, "skipped": True}]
     line = capture_summary(stats)
     assert "2 layer steps, 3.5s in workers (0.8s building layers, 2.8s forward + store) on cuda:0" in line
+
+
+def test_phase_eta_is_linear_in_the_pace_so_far():
+    from pipeline.distributed.scheduler import phase_eta
+
+    assert phase_eta(7, 28, 35.0, "search") == "search ETA 1m45s"  # 5 s a block, 21 left
+    assert phase_eta(10, 29, 20.0, "capture") == "capture ETA 38s"
+    assert phase_eta(0, 28, 10.0, "search") == "" and phase_eta(28, 28, 90.0, "search") == ""
