@@ -147,11 +147,16 @@ def test_budget_blocks_a_writer_until_a_delete(tmp_path):
 
 
 def test_budget_timeout_and_oversized_chunk_name_the_fix(tmp_path):
-    rows = _tensors(random.randrange(10**6), 4, torch.float32)
-    store = ActivationStore(str(tmp_path), max_bytes=3000, chunk_rows=2, wait_timeout=0.3, poll_interval=0.02)
-    with store.writer(0) as w:
+    # Fixed row sizes (random values): with random row counts the budget was sometimes never reached.
+    g = torch.Generator().manual_seed(random.randrange(10**6))
+    rows = [(i, torch.randn(8, 16, generator=g)) for i in range(4)]
+    with ActivationStore(str(tmp_path), chunk_rows=2).writer(0) as w:
         w.append(*rows[0])
         w.append(*rows[1])
+    one_chunk = ActivationStore(str(tmp_path)).bytes_used()
+    # Room for layer 0 and one chunk of layer 1, not for its second chunk.
+    store = ActivationStore(str(tmp_path), max_bytes=int(2.5 * one_chunk), chunk_rows=2,
+                            wait_timeout=0.3, poll_interval=0.02)
     w2 = store.writer(1)
     with pytest.raises(VlmqError, match="stayed full") as e:
         for r in rows:
