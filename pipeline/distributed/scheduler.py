@@ -28,13 +28,22 @@ from .wavefront import group_root, needs_last_stream, wavefront_step
 MAX_RETRIES = 3
 
 
-def placement(ray_ctx: RayContext, share: float = 0.5) -> dict[str, Any]:
-    """Capture workers and search tasks each take half a GPU, so one of each runs per GPU
+CAPTURE_SHARE = 0.51  # of a GPU: two capture groups never fit on one GPU, so Ray spreads them
+SEARCH_SHARE = 0.49  # one search beside each capture group, two per GPU once capture is over
+
+
+def placement(ray_ctx: RayContext, share: float = SEARCH_SHARE) -> dict[str, Any]:
+    """Capture workers and search tasks each take about half a GPU, so one of each runs per GPU
     while capture lasts and two searches per GPU after; on CPUs one core each.
+
+    The shares are 0.51 / 0.49, not 0.5 / 0.5: Ray packs fractional requests onto the first GPU
+    with room, so with even halves both capture groups of a 2-GPU job landed on GPU 0 (and their
+    gradient passes too) while GPU 1 waited for the searches.
 
     ``max_calls=0`` keeps GPU workers alive between tasks: Ray's default for GPU tasks is one task
     per process, which made every capture step and search pay a fresh interpreter, imports, CUDA
-    context and meta model (~25 s each; measured on the H100, 7B: 30 s per layer instead of 1 s)."""
+    context and meta model (~25 s each; measured on the H100, 7B: 30 s per layer instead of 1 s).
+    A kept worker may be handed another GPU by its next task: ``worker_device`` follows it."""
     return {"num_gpus": share, "max_calls": 0} if ray_ctx.num_gpus else {"num_cpus": 1}
 
 
@@ -134,7 +143,7 @@ class CaptureAndSearch:
         ctx, n_layers = self.ctx, self.n_layers
         calls: dict[Any, tuple[int, int]] = {}  # ref -> (group, layer); layer -1 = embed
         n_groups = len(self.groups) if capture else 0
-        step = ray.remote(max_retries=MAX_RETRIES, **placement(self.ray_ctx))(wavefront_step)
+        step = ray.remote(max_retries=MAX_RETRIES, **placement(self.ray_ctx, CAPTURE_SHARE))(wavefront_step)
         last_ref: dict[int, Any] = {}
         for g, rows in enumerate(self.groups[:n_groups]):
             prev = step.remote(ctx, g, n_groups, self.table_path, rows, "embed")

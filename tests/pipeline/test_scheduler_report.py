@@ -2,14 +2,17 @@
 capture summary are computed from what the tasks returned (hand-worked values)."""
 
 from pipeline.distributed.runtime import RayContext
-from pipeline.distributed.scheduler import capture_summary, peak_gpu_by_worker, placement
+from pipeline.distributed.scheduler import CAPTURE_SHARE, SEARCH_SHARE, capture_summary, peak_gpu_by_worker, placement
 
 
 def test_gpu_tasks_reuse_their_worker_process():
     # Ray's default for GPU tasks is one task per process (max_calls=1): each capture step then paid
     # a fresh interpreter + CUDA context, 30 s per 7B layer on the H100 instead of 1 s.
-    gpu = placement(RayContext(address=None, num_cpus=16, num_gpus=2, started_here=True))
-    assert gpu == {"num_gpus": 0.5, "max_calls": 0}
+    ctx = RayContext(address=None, num_cpus=16, num_gpus=2, started_here=True)
+    assert placement(ctx) == {"num_gpus": 0.49, "max_calls": 0}
+    assert placement(ctx, CAPTURE_SHARE) == {"num_gpus": 0.51, "max_calls": 0}
+    # one capture group and one search share a GPU; two capture groups never do
+    assert CAPTURE_SHARE + SEARCH_SHARE <= 1 < 2 * CAPTURE_SHARE and 2 * SEARCH_SHARE <= 1
     assert placement(RayContext(address=None, num_cpus=2, num_gpus=0, started_here=True)) == {"num_cpus": 1}
 
 
