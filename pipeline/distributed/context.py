@@ -117,9 +117,10 @@ def worker_device() -> torch.device:
 
 def worker_peak() -> dict[str, int]:
     """This worker process's peak GPU memory so far on its current GPU (workers live across tasks,
-    so this is the per-actor peak the planner promises to bound), plus the process id."""
+    so this is the per-actor peak the planner promises to bound), plus the process id (on CPU
+    too: which process ran what shows whether searches found warm workers)."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
+        return {"pid": os.getpid()}
     return {"peak_gpu_bytes": int(torch.cuda.max_memory_allocated()), "pid": os.getpid(),
             "gpu": torch.cuda.current_device()}
 

@@ -8,6 +8,7 @@ write part files, and the gather reads part files only.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import time
 from contextlib import contextmanager
@@ -131,7 +132,8 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             store_root=spec.resources.store or str(work / "acts"), compute_dtype=prep.compute_dtype,
             storage_dtype=prep.storage_dtype, allow_pickle=spec.allow_pickle,
             store_max_bytes=int(spec.resources.store_max_gb * 2**30) if spec.resources.store_max_gb else None,
-            options={"fault": fault_from_env(), "groups": max(1, ray_ctx.num_gpus)},
+            options={"fault": fault_from_env(), "groups": max(1, ray_ctx.num_gpus),
+                     "warm_workers": os.environ.get("VLMQ_WARM_WORKERS", "1") != "0"},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
         from .stages import capture_and_search, gather, reference, run_veo

@@ -87,6 +87,19 @@ def peak_gpu_by_worker(records: list[dict[str, Any]]) -> dict[int, int]:
     return peaks
 
 
+def _results(refs: list) -> list[dict[str, Any]]:
+    """The results of best-effort tasks (a failed warm-up costs nothing but its warmth)."""
+    import ray
+
+    out = []
+    for r in refs:
+        try:
+            out.append(ray.get(r, timeout=60))
+        except Exception:
+            pass
+    return out
+
+
 class CaptureAndSearch:
     """One job's capture and search. ``blocks_for(capture_result)`` gives the blocks once the
     method has what it needs; for overlap methods it is known up front (``early_blocks``)."""
@@ -104,6 +117,7 @@ class CaptureAndSearch:
         self.capture_stats: list[dict[str, Any]] = []
         self.events: dict[str, float] = {}  # seconds since run() began: the phase boundaries
         self.peak_store_bytes = 0
+        self.warm_stats: list[dict[str, Any]] = []
 
     # -- streams --------------------------------------------------------------------------
 
@@ -152,6 +166,7 @@ class CaptureAndSearch:
                 prev = step.remote(ctx, g, n_groups, self.table_path, rows, "forward", i, prev)
                 calls[prev] = (g, i)
             last_ref[g] = prev
+        warm = self._warm_search_workers(n_groups, early_blocks is None or (capture and needs_last_stream(self.method)))
         left = {i: n_groups for i in range(-1, n_layers)}  # capture calls left per layer
         n_calls, resumed = len(calls), len(self.done_blocks)
         at = [-1] * n_groups  # the layer each group has passed: the live view's per-group position
@@ -244,6 +259,7 @@ class CaptureAndSearch:
                                    f"done, {len(running)} running, store {self.store_bytes() / 2**30:.2f} GiB, "
                                    f"{now - t0:.0f}s" + (f", {eta}" if eta else ""))
         self.events["search end"] = time.perf_counter() - t0
+        self.warm_stats = _results(warm)
         if "search start" in self.events:
             self.view.info(f"search: {len(self.summaries)} blocks in "
                            f"{self.events['search end'] - self.events['search start']:.1f}s (first submitted to last done)")
@@ -252,6 +268,24 @@ class CaptureAndSearch:
         self.blocks = st["blocks"]
         self.sensitivity = st["sensitivity"]
         return sorted(self.summaries, key=lambda x: x["block"])
+
+    def _warm_search_workers(self, n_groups: int, searches_wait: bool) -> list:
+        """When no search can start before capture ends (MBQ, Q-VLM's entropy partition), warm one
+        search worker per slot that capture leaves free, so the search phase starts on workers that
+        have imported, opened CUDA and built the meta model (a cold one spends seconds on that,
+        which is the same in a 1- and a 2-GPU run and so caps the search phase's scaling)."""
+        import ray
+
+        from .search import warm_worker
+
+        if not n_groups or not searches_wait or self.ctx.options.get("warm_workers") is False:
+            return []
+        if self.ray_ctx.num_gpus:
+            free = self.ray_ctx.num_gpus  # one SEARCH_SHARE beside each GPU's capture group
+        else:
+            free = max(0, self.ray_ctx.num_cpus - n_groups)
+        task = ray.remote(max_retries=0, **placement(self.ray_ctx))(warm_worker)
+        return [task.remote(self.ctx) for _ in range(free)]
 
     def capture_stats_has_backward(self) -> bool:
         return any("stats" in s for s in self.capture_stats)

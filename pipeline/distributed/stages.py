@@ -125,7 +125,11 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
         extras["partition"] = json.loads(saved_part.read_text())
     extras["resumed_blocks"] = sorted(done)
     extras["phases_s"] = {k: round(v, 2) for k, v in sched.events.items()}
-    peaks = peak_gpu_by_worker(sched.capture_stats + summaries)
+    if sched.warm_stats:
+        extras["phases_s"]["search worker warm-up (during capture)"] = round(max(w["warm_s"] for w in sched.warm_stats), 2)
+    extras["worker_pids"] = {role: sorted({r["pid"] for r in recs if "pid" in r}) for role, recs in
+                             (("capture", sched.capture_stats), ("warm", sched.warm_stats), ("search", summaries))}
+    peaks = peak_gpu_by_worker(sched.capture_stats + summaries + sched.warm_stats)
     extras["resources"] = {"peak_store_bytes": sched.peak_store_bytes,
                            "peak_gpu_bytes_per_worker": sorted(peaks.values(), reverse=True)}
     if peaks:

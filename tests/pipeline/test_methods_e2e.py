@@ -32,6 +32,9 @@ def test_mbq_w3(ray_local, tiny_dirs, tmp_path, family):
     unfloored = res.report["sensitivity"]["unfloored"]
     assert unfloored[str(layers - 1)]["r_attn"] == 0.0  # vision tokens cannot reach the loss from the top layer
     assert any(b["metrics"] for b in res.report["blocks"])
+    # MBQ's searches wait for the gradient pass: the one CPU slot capture leaves free warmed a worker
+    assert len(res.report["worker_pids"]["warm"]) == 1 and res.report["worker_pids"]["search"]
+    assert "search worker warm-up (during capture)" in res.report["phases_s"]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
