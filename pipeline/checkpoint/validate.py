@@ -26,7 +26,7 @@ from torch import nn
 from .layout import SCALE_DTYPES, act_bits_of, expected_layout, is_ignored, resolve_schemes, st_dtype
 from .loader import config_dtype, empty_model, load_quantized_model, quantized_modules, read_config, weight_map
 from .reference import read_reference
-from .writer import MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
+from .writer import MANIFEST_FORMAT, MANIFEST_NAME, sha256_files
 
 # Relative tolerance on logits (max |diff| / max |reference|) by model dtype: "agree to fp rounding".
 DEFAULT_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -72,7 +72,7 @@ def _integrity(ckpt_dir: Path) -> CheckResult:
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("complete") is not True:
         return CheckResult("integrity", "fail", f"{MANIFEST_NAME} is not a complete vlmq manifest")
     files: dict[str, dict[str, Any]] = manifest["files"]
-    missing, bad_size, bad_hash = [], [], []
+    missing, bad_size, to_hash = [], [], []
     total = 0
     for rel, meta in sorted(files.items()):
         p = ckpt_dir / rel
@@ -83,8 +83,10 @@ def _integrity(ckpt_dir: Path) -> CheckResult:
         total += size
         if size != meta["size"]:
             bad_size.append(rel)
-        elif sha256_file(p) != meta["sha256"]:
-            bad_hash.append(rel)
+        else:
+            to_hash.append(rel)
+    hashes = sha256_files(ckpt_dir / rel for rel in to_hash)
+    bad_hash = [rel for rel in to_hash if hashes[ckpt_dir / rel] != files[rel]["sha256"]]
     on_disk = {p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*") if p.is_file()}
     unlisted = sorted(on_disk - set(files) - {MANIFEST_NAME})
     nums = {"files": len(files), "bytes": total, "missing": missing, "size_mismatch": bad_size,

@@ -232,6 +232,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths: Iterable[Path]) -> dict[Path, str]:
+    """sha256 of many files at once: hashlib and file reads release the GIL, so a checkpoint's
+    shards hash in parallel (a 7B W3 checkpoint is ~6 GB: ~4 s on one core at ~1.5 GB/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    if len(paths) <= 1:
+        return {p: sha256_file(p) for p in paths}
+    big_first = sorted(paths, key=lambda p: -p.stat().st_size)  # the longest hash starts first
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(paths))) as pool:
+        return dict(zip(big_first, pool.map(sha256_file, big_first)))
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -300,11 +313,9 @@ def _safe_relpath(rel: str) -> Path:
 
 def write_manifest(directory: Path) -> dict[str, Any]:
     """Hash every file under ``directory`` (except the manifest itself) and write the manifest."""
-    files = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
-            rel = p.relative_to(directory).as_posix()
-            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME]
+    hashes = sha256_files(paths)
+    files = {p.relative_to(directory).as_posix(): {"sha256": hashes[p], "size": p.stat().st_size} for p in paths}
     manifest = {"format": MANIFEST_FORMAT, "complete": True, "vlmq_version": __version__, "files": files}
     _write_json(directory / MANIFEST_NAME, manifest)
     return manifest
