@@ -68,11 +68,24 @@ def open_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
-def tensor_to_bytes(t: torch.Tensor) -> tuple[bytes, list[int], str]:
-    """Raw little-endian bytes, shape and dtype name of a tensor (any dtype, any device)."""
+def tensor_to_bytes(t: torch.Tensor) -> tuple[np.ndarray, list[int], str]:
+    """Raw little-endian bytes (a uint8 view, no copy for a CPU tensor), shape and dtype name of a
+    tensor (any dtype, any device)."""
     t = t.detach().to("cpu").contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = t.reshape(-1).view(torch.uint8).numpy()
     return raw, list(t.shape), str(t.dtype).removeprefix("torch.")
+
+
+def _binary_array(raws: list[np.ndarray]) -> pa.Array:
+    """One Arrow binary array from byte views with a single copy (``pa.array`` of Python bytes
+    needed a ``tobytes`` copy first, then copied again)."""
+    offsets = np.zeros(len(raws) + 1, dtype=np.int64)
+    np.cumsum([r.size for r in raws], out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"an activation chunk of {offsets[-1]} bytes is over Arrow's 2 GiB binary limit")
+    data = np.concatenate(raws) if raws else np.zeros(0, np.uint8)
+    return pa.Array.from_buffers(pa.binary(), len(raws), [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                           pa.py_buffer(data)])
 
 
 def tensor_from_bytes(data: bytes | pa.Buffer, shape: list[int], dtype: str) -> torch.Tensor:
@@ -97,7 +110,7 @@ class LayerWriter:
         self.store, self.layer = store, layer
         self.token = uuid.uuid4().hex[:16]
         self._marker: str | None = None
-        self._rows: list[tuple[int, bytes, list[int], str]] = []
+        self._rows: list[tuple[int, np.ndarray, list[int], str]] = []
         self._buf_bytes = 0
         self.rows_written = 0
         self.closed = False
@@ -133,7 +146,7 @@ class LayerWriter:
         batch = pa.record_batch(
             [
                 pa.array(ids, pa.int64()),
-                pa.array(data, pa.binary()),
+                _binary_array(list(data)),
                 pa.array(shapes, pa.list_(pa.int32())),
                 pa.array(dtypes, pa.string()),
             ],
