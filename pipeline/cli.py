@@ -70,6 +70,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", dest="recipe.loss", choices=("mae", "mse"), default=S, help="MBQ search loss (default mae)")
     g.add_argument("--sensitivity-floor", dest="recipe.sensitivity_floor", choices=("median", "none"), default=S,
                    help="MBQ: floor each ratio at its median over layers (default median)")
+    _bool_flag(g, "clip-weighting", "recipe.mbq_clip_weighting",
+               "MBQ: weight tokens by modality inside the clip search too (default on; off: the clip "
+               "search weighs every token alike, as AWQ's)")
     g.add_argument("--partition", dest="recipe.partition", choices=("entropy", "dependency", "fixed"), default=S)
     g.add_argument("--p", dest="recipe.p", type=float, default=S, help="Q-VLM: quantile of the scores for tau")
     g.add_argument("--max-block-layers", dest="recipe.max_block_layers", type=int, default=S)

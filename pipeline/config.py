@@ -50,6 +50,7 @@ class QuantRecipe:
     clip: bool = True
     loss: str = "mae"  # mbq: mae | mse
     sensitivity_floor: str = "median"  # mbq: median | none
+    mbq_clip_weighting: bool = True  # mbq: modality weights inside the clip search too (our extension)
     grid: int = 20
     # Q-VLM
     partition: str = "entropy"  # entropy | dependency | fixed

@@ -25,6 +25,7 @@ RECIPES = [
     ("AWQ W3 g128", dict(method="awq", wbits=3, group_size=128)),
     ("MBQ W3 g128 no-clip", dict(method="mbq", wbits=3, group_size=128, clip=False)),
     ("MBQ W3 g128", dict(method="mbq", wbits=3, group_size=128)),
+    ("MBQ W3 g128 clip unweighted", dict(method="mbq", wbits=3, group_size=128, mbq_clip_weighting=False)),
     ("MBQ W3 g128 floor=none", dict(method="mbq", wbits=3, group_size=128, sensitivity_floor="none")),
     ("MBQ W3 g128 mse", dict(method="mbq", wbits=3, group_size=128, loss="mse")),
     ("RTN W4A8", dict(method="rtn", wbits=4, abits=8)),
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     ap.add_argument("--models", nargs="+", default=["builtin", "builtin-outlier"])
     ap.add_argument("--quick", action="store_true", help="a few recipes only")
+    ap.add_argument("--only", nargs="+", metavar="LABEL", help="just these recipe labels (tables of one run)")
     ap.add_argument("--ablation", choices=("methods", "qvlm"), default="methods",
                     help="methods: RTN/AWQ/MBQ/SmoothQuant variants; qvlm: issue 5's Q-VLM ablation")
     args = ap.parse_args()
@@ -86,6 +88,11 @@ def main() -> None:
     recipes = QVLM_ABLATION if args.ablation == "qvlm" else RECIPES
     if args.quick:
         recipes = recipes[:6]
+    if args.only:
+        unknown = sorted(set(args.only) - {label for label, _ in recipes})
+        if unknown:
+            ap.error(f"unknown recipe labels {unknown}; known: {[label for label, _ in recipes]}")
+        recipes = [(label, r) for label, r in recipes if label in args.only]
     rows = []
     for model in args.models:
         ref = resolve_model(model, out)
@@ -110,7 +117,7 @@ def main() -> None:
                    "search_s": stages.get("capture + search"), "veo_s": stages.get("veo")}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_skill"}), flush=True)
-            (out / f"{args.ablation}_table.json").write_text(json.dumps(rows, indent=2))
+            (out / f"{args.ablation}_table{'_only' if args.only else ''}.json").write_text(json.dumps(rows, indent=2))
     lines = ["| recipe | " + " | ".join(f"{m} acc % | {m} KL | {m} top-1 % | capture+search s" for m in args.models)
              + " |", "|---|" + "---|---|---|---|" * len(args.models)]
     for label, _ in recipes:
@@ -122,7 +129,7 @@ def main() -> None:
             ts = "—" if r.get("search_s") is None else f"{r['search_s']:.0f}"
             cells.append(f"{100 * r['accuracy']:.1f} | {kl} | {t1} | {ts}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    (out / f"{args.ablation}_table.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.ablation}_table{'_only' if args.only else ''}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
