@@ -45,6 +45,8 @@ def probe(k):
     seen = os.environ.get("CUDA_VISIBLE_DEVICES")   # what Ray set for this task
     first = context._cuda_view is context._UNSET
     assignment = context.ray_gpu_assignment()
+    import torch
+    torch.cuda.is_available = lambda: False          # the GPUs are Ray's fakes, even on a GPU machine
     context.worker_device()                          # opens the view on a process's first call
     ids, original = assignment
     time.sleep(0.2)                                  # keep two tasks per GPU in flight
