@@ -81,6 +81,9 @@ def plan_shards(layer_bytes: list[int], n_gpus: int, gpu_bytes: int, first_extra
     return ShardPlan(ranges, shard_bytes, list(layer_bytes), headroom, gpu_bytes)
 
 
+CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context + cuBLAS workspace, per worker process and GPU
+
+
 def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], tokens: int,
                  act_bytes: int = 2) -> dict[str, int]:
     """What one vlmq worker holds at its peak (the capture and search hold one decoder layer):
@@ -93,10 +96,14 @@ def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], to
     head = sum(other.values())
     group_inputs = tokens * (3 * hidden + inter) * act_bytes
     vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
-    return {"head": head, "layer": layer, "capture": head + layer + 4 * 2048 * hidden * act_bytes,
-            # MBQ's gradient pass: the answer loss needs one sample's logits and their gradient in fp32
-            "gradient": head + layer + 2 * 2048 * vocab * 4,
-            "search": layer + group_inputs, "tokens": tokens}
+    capture = head + layer + 4 * 2048 * hidden * act_bytes
+    gradient = head + layer + 2 * 2048 * vocab * 4  # MBQ: one sample's fp32 logits and their gradient
+    search = layer + group_inputs
+    # A GPU hosts two workers at once (scheduler shares 0.51 / 0.49): a capture worker beside a
+    # search worker while capture lasts, two search workers after; each keeps a CUDA context.
+    per_gpu = max(max(capture, gradient) + search, 2 * search) + 2 * CUDA_CONTEXT_BYTES
+    return {"head": head, "layer": layer, "capture": capture, "gradient": gradient, "search": search,
+            "per_gpu": per_gpu, "tokens": tokens}
 
 
 def plan_from_model(model: str, n_gpus: int, gpu_mem_gib: float, dtype: str = "bfloat16",
@@ -133,8 +140,7 @@ def format_plan(plan: ShardPlan) -> str:
     lines = [f"{len(plan.layer_bytes)} decoder layers, {plan.layer_bytes[0] / GIB:.2f} GiB each (first); "
              f"other parts: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.extras.items() if v)]
     if w:
-        need = max(w["capture"], w["gradient"], w["search"])
-        verdict = "fits" if need <= plan.gpu_bytes * 0.9 else "does NOT fit"
+        verdict = "fits" if w["per_gpu"] <= plan.gpu_bytes * 0.9 else "does NOT fit"
         lines += ["", "vlmq quantize (one decoder layer resident per worker, any number of GPUs):",
                   f"  capture worker peak ~ {w['capture'] / GIB:.1f} GiB (head {w['head'] / GIB:.1f} + one layer "
                   f"{w['layer'] / GIB:.2f} + one sample's activations)",
@@ -142,6 +148,8 @@ def format_plan(plan: ShardPlan) -> str:
                   f"logits and their gradient)",
                   f"  search worker peak  ~ {w['search'] / GIB:.1f} GiB (one layer + its group inputs for "
                   f"{w['tokens']} calibration tokens)",
+                  f"  per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (a capture worker beside a search worker, or two "
+                  f"searches; CUDA contexts included)",
                   f"  -> {verdict} a {plan.gpu_bytes / GIB:.0f} GiB GPU; more GPUs divide the work, not the memory"]
     lines += ["", f"layer-range shards over {len(plan.ranges)} GPU(s) (how the weights split for serving"
               + ("" if plan.fits else "; they do NOT fit at this size") + "):",
