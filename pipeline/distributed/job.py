@@ -34,6 +34,7 @@ class Prepared:
     compute_dtype: str
     storage_dtype: str
     device: str
+    memory_note: str | None = None  # the GPU memory plan, for the job log
 
 
 @dataclass
@@ -88,7 +89,26 @@ def check_job(spec: JobSpec) -> Prepared:
     device = _pick_device(spec.resources.device)
     compute, storage = _dtypes(config, spec.resources.dtype, device)
     n_layers = _num_layers(config, adapter)
-    return Prepared(model_ref, adapter.family, config, n_layers, compute, storage, device)
+    note = _memory_preflight(spec, config, compute, device)
+    return Prepared(model_ref, adapter.family, config, n_layers, compute, storage, device, note)
+
+
+def _memory_preflight(spec: JobSpec, config: dict[str, Any], compute_dtype: str, device: str) -> str | None:
+    """On a GPU: refuse a model whose single worker cannot fit, before Ray and capture start."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    from ..models import detect_adapter
+    from .planner import memory_preflight
+
+    tokens = spec.calib.num_samples * 700  # the planner's default sample length (calibration is not built yet)
+    line, fatal = memory_preflight(config, detect_adapter(config), getattr(torch, compute_dtype), tokens,
+                                   torch.cuda.get_device_properties(0).total_memory)
+    if fatal:
+        raise VlmqError(line, "use a GPU with more memory, or fewer --num-samples (the search holds every "
+                              "calibration token's inputs of one layer); `vlmq plan` shows the estimate")
+    return line
 
 
 def _num_layers(config: dict[str, Any], adapter: Any) -> int:
@@ -111,6 +131,8 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     stages: dict[str, float] = {}
     with _stage(stages, "check"):
         prep = check_job(spec)
+        if prep.memory_note:
+            view.info(prep.memory_note)
         resuming = prepare_work_dir(spec, prep.model_ref)
     work = spec.work_path
     view.info(f"model {prep.model_ref} ({prep.family}, {prep.num_layers} decoder layers); "

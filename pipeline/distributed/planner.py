@@ -157,3 +157,22 @@ def format_plan(plan: ShardPlan) -> str:
     for k, ((a, b), wb, p) in enumerate(zip(plan.ranges, plan.shard_bytes, plan.peak_bytes)):
         lines.append(f"{k:>5}  {a:>4}-{b - 1:<4}  {wb / GIB:>11.2f}  {p / GIB:>8.2f}")
     return "\n".join(lines)
+
+
+def memory_preflight(config: dict, adapter: object, dtype: object, tokens: int, gpu_bytes: int) -> tuple[str, bool]:
+    """Before Ray starts: the per-worker and per-GPU peaks against this GPU's memory. Returns
+    (a line for the job log, fatal). Fatal only when one worker alone cannot fit (that is certain
+    to fail); a per-GPU estimate over the GPU is a warning, since token counts are estimated."""
+    from ..models.loading import estimate_memory
+
+    est = estimate_memory(config, adapter, dtype)
+    w = worker_peaks(config, est.layer_bytes, est.other_bytes, tokens)
+    single = max(w["capture"], w["gradient"], w["search"]) + CUDA_CONTEXT_BYTES
+    line = (f"memory plan: per worker <= {single / GIB:.1f} GiB, per GPU ~ {w['per_gpu'] / GIB:.1f} GiB "
+            f"(two workers), GPU {gpu_bytes / GIB:.0f} GiB")
+    if single > gpu_bytes:
+        return line + ": one worker does not fit", True
+    if w["per_gpu"] > 0.95 * gpu_bytes:
+        return line + ": tight, two workers per GPU may run out of memory", False
+    return line, False
+

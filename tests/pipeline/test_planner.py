@@ -52,3 +52,47 @@ def test_worker_peaks_by_hand():
     assert w["search"] == 12 + 100 * (3 * 1000 + 3000) * 2
     # two workers share a GPU: the larger of (capture 16,384,022 (> gradient) + search 1,200,012) and 2 x search
     assert w["per_gpu"] == 16_384_022 + 1_200_012 + 2 * CUDA_CONTEXT_BYTES
+
+
+def test_memory_preflight_refuses_only_what_cannot_fit():
+    import torch
+
+    from pipeline.distributed.planner import memory_preflight
+    from pipeline.models import detect_adapter
+    from pipeline.models.loading import estimate_memory
+    from pipeline.models.synthetic import synthetic_config
+
+    cfg = synthetic_config("qwen2-vl-mini")
+    adapter = detect_adapter(cfg)
+    est = estimate_memory(cfg, adapter, torch.bfloat16)
+    w = worker_peaks(cfg, est.layer_bytes, est.other_bytes, 1000)
+    single = max(w["capture"], w["gradient"], w["search"]) + CUDA_CONTEXT_BYTES
+    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, single - 1)
+    assert fatal and "one worker does not fit" in line
+    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, single)  # fits alone, not two per GPU
+    assert not fatal and "tight" in line
+    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, 80 * GIB)
+    assert not fatal and "tight" not in line and "GPU 80 GiB" in line
+
+
+def test_job_check_refuses_a_model_one_worker_cannot_hold(tmp_path, monkeypatch):
+    """Before Ray or any data: a GPU too small for one worker is a clear error (and --dry-run says so)."""
+    import types
+
+    import torch
+
+    from pipeline.config import spec_from_dict
+    from pipeline.distributed.job import check_job
+    from pipeline.errors import VlmqError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=64 * 2**20))
+    spec = spec_from_dict({"model": "synthetic:qwen2-vl-mini", "out": str(tmp_path / "out"),
+                           "recipe": {"method": "mbq", "wbits": 3, "group_size": 32},
+                           "resources": {"device": "cuda"}})
+    with pytest.raises(VlmqError) as e:
+        check_job(spec)
+    assert "one worker does not fit" in e.value.problem and "--num-samples" in e.value.fix
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * GIB))
+    assert "per GPU" in check_job(spec).memory_note
