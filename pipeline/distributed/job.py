@@ -8,8 +8,8 @@ write part files, and the gather reads part files only.
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,8 +106,8 @@ def _memory_preflight(spec: JobSpec, config: dict[str, Any], compute_dtype: str,
     line, fatal = memory_preflight(config, detect_adapter(config), getattr(torch, compute_dtype), tokens,
                                    torch.cuda.get_device_properties(0).total_memory)
     if fatal:
-        raise VlmqError(line, "use a GPU with more memory, or fewer --num-samples (the search holds every "
-                              "calibration token's inputs of one layer); `vlmq plan` shows the estimate")
+        raise VlmqError(line, "use a GPU with more memory (the capture worker holds the embeddings, the "
+                              "vision tower, the LM head and one decoder layer); `vlmq plan` shows the estimate")
     return line
 
 

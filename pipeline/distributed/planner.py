@@ -161,18 +161,18 @@ def format_plan(plan: ShardPlan) -> str:
 
 def memory_preflight(config: dict, adapter: object, dtype: object, tokens: int, gpu_bytes: int) -> tuple[str, bool]:
     """Before Ray starts: the per-worker and per-GPU peaks against this GPU's memory. Returns
-    (a line for the job log, fatal). Fatal only when one worker alone cannot fit (that is certain
-    to fail); a per-GPU estimate over the GPU is a warning, since token counts are estimated."""
+    (a line for the job log, fatal). Fatal only when the capture worker alone cannot fit (head +
+    one layer: certain to fail whatever the data); the search's and the per-GPU peaks grow with
+    the calibration tokens, which are only estimated here, so going over them is a warning."""
     from ..models.loading import estimate_memory
 
     est = estimate_memory(config, adapter, dtype)
     w = worker_peaks(config, est.layer_bytes, est.other_bytes, tokens)
-    single = max(w["capture"], w["gradient"], w["search"]) + CUDA_CONTEXT_BYTES
-    line = (f"memory plan: per worker <= {single / GIB:.1f} GiB, per GPU ~ {w['per_gpu'] / GIB:.1f} GiB "
-            f"(two workers), GPU {gpu_bytes / GIB:.0f} GiB")
-    if single > gpu_bytes:
+    fixed = max(w["capture"], w["gradient"]) + CUDA_CONTEXT_BYTES
+    line = (f"memory plan: capture worker {fixed / GIB:.1f} GiB, search worker ~ {w['search'] / GIB:.1f} GiB, "
+            f"per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (two workers; ~{tokens} tokens), GPU {gpu_bytes / GIB:.0f} GiB")
+    if fixed > gpu_bytes:
         return line + ": one worker does not fit", True
     if w["per_gpu"] > 0.95 * gpu_bytes:
-        return line + ": tight, two workers per GPU may run out of memory", False
+        return line + ": tight, two workers per GPU may run out of memory (fewer --num-samples lowers it)", False
     return line, False
-

@@ -66,10 +66,10 @@ def test_memory_preflight_refuses_only_what_cannot_fit():
     adapter = detect_adapter(cfg)
     est = estimate_memory(cfg, adapter, torch.bfloat16)
     w = worker_peaks(cfg, est.layer_bytes, est.other_bytes, 1000)
-    single = max(w["capture"], w["gradient"], w["search"]) + CUDA_CONTEXT_BYTES
-    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, single - 1)
+    fixed = max(w["capture"], w["gradient"]) + CUDA_CONTEXT_BYTES
+    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, fixed - 1)
     assert fatal and "one worker does not fit" in line
-    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, single)  # fits alone, not two per GPU
+    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, fixed)  # fits alone, not two per GPU
     assert not fatal and "tight" in line
     line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, 80 * GIB)
     assert not fatal and "tight" not in line and "GPU 80 GiB" in line
@@ -92,7 +92,7 @@ def test_job_check_refuses_a_model_one_worker_cannot_hold(tmp_path, monkeypatch)
                            "resources": {"device": "cuda"}})
     with pytest.raises(VlmqError) as e:
         check_job(spec)
-    assert "one worker does not fit" in e.value.problem and "--num-samples" in e.value.fix
+    assert "one worker does not fit" in e.value.problem and "more memory" in e.value.fix
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * GIB))
     assert "per GPU" in check_job(spec).memory_note
