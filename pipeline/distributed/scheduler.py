@@ -283,7 +283,7 @@ class CaptureAndSearch:
         if self.ray_ctx.num_gpus:
             free = self.ray_ctx.num_gpus  # one SEARCH_SHARE beside each GPU's capture group
         else:
-            free = max(0, self.ray_ctx.num_cpus - n_groups)
+            free = max(0, min(self.ray_ctx.num_cpus - n_groups, self.n_layers))
         task = ray.remote(max_retries=0, **placement(self.ray_ctx))(warm_worker)
         return [task.remote(self.ctx) for _ in range(free)]
 

@@ -89,18 +89,15 @@ def warm_worker(ctx: JobContext) -> dict[str, Any]:
     process). Run in a GPU slot that capture leaves free, it leaves an idle warm worker that
     Ray hands the first search to, instead of starting one cold when the search phase begins."""
     t0 = time.perf_counter()
-    from ..checkpoint.parts import write_part  # noqa: F401  (the import is the point)
-    from ..models import ADAPTERS
+    from ..checkpoint.parts import write_part  # noqa: F401  (search_block's imports: importing is the point)
     from ..models.loading import build_layers  # noqa: F401
     from .models import job_source
 
     device = worker_device()
-    job_source(ctx)
-    get_search(ctx.recipe.method)
+    job_source(ctx)  # the meta model, cached per process
     if device.type == "cuda":
         x = torch.ones(64, 64, device=device, dtype=ctx.torch_compute_dtype)
-        (x @ x).sum().item()
-    _ = ADAPTERS[ctx.family]
+        (x @ x).sum().item()  # CUDA context and cuBLAS handle
     return {"warm_s": time.perf_counter() - t0, **worker_peak()}
 
 
