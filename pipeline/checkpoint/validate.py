@@ -287,7 +287,12 @@ def validate_checkpoint(
     d = Path(ckpt_dir)
     if not d.is_dir():
         return ValidationReport(d, [CheckResult("integrity", "fail", f"{d} is not a directory")])
-    checks = [check_integrity(d), check_layout(d), check_outputs(d, n_samples, backend, device, rtol, stream)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hashing (I/O, CPU) overlaps the outputs check (GPU)
+        integrity = pool.submit(check_integrity, d)
+        rest = [check_layout(d), check_outputs(d, n_samples, backend, device, rtol, stream)]
+        checks = [integrity.result(), *rest]
     return ValidationReport(d, checks)
 
 

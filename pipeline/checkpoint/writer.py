@@ -257,7 +257,10 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _write_shards(staging: Path, units: list[_Unit], max_shard_bytes: int) -> dict[str, Any]:
+def _write_shards(staging: Path, units: list[_Unit], max_shard_bytes: int,
+                  on_written: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Write the shards, calling ``on_written(path)`` as each is on disk (the writer starts its
+    sha256 there, in the background, while the next shard is built)."""
     shards: list[list[_Unit]] = [[]]
     size = 0
     for u in units:
@@ -283,6 +286,8 @@ def _write_shards(staging: Path, units: list[_Unit], max_shard_bytes: int) -> di
         save_file(tensors, str(staging / fname), metadata={"format": "pt"})
         fsync_file(staging / fname)
         del tensors
+        if on_written is not None:
+            on_written(staging / fname)
     return {"metadata": {"total_size": total}, "weight_map": wmap}
 
 
@@ -311,10 +316,13 @@ def _safe_relpath(rel: str) -> Path:
     return p
 
 
-def write_manifest(directory: Path) -> dict[str, Any]:
-    """Hash every file under ``directory`` (except the manifest itself) and write the manifest."""
+def write_manifest(directory: Path, known: Mapping[Path, Any] | None = None) -> dict[str, Any]:
+    """Hash every file under ``directory`` (except the manifest itself) and write the manifest.
+    ``known``: path -> sha256 (or a future of it) already computed for files written earlier."""
+    known = dict(known or {})
     paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME]
-    hashes = sha256_files(paths)
+    hashes = sha256_files(p for p in paths if p not in known)
+    hashes.update({p: h if isinstance(h, str) else h.result() for p, h in known.items()})
     files = {p.relative_to(directory).as_posix(): {"sha256": hashes[p], "size": p.stat().st_size} for p in paths}
     manifest = {"format": MANIFEST_FORMAT, "complete": True, "vlmq_version": __version__, "files": files}
     _write_json(directory / MANIFEST_NAME, manifest)
@@ -373,8 +381,16 @@ def write_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.vlmq-staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    from concurrent.futures import ThreadPoolExecutor
+
+    hasher = ThreadPoolExecutor(max_workers=2)
+    early: dict[Path, Any] = {}  # shard path -> future of its sha256
+
+    def hash_soon(path: Path) -> None:
+        early[path] = hasher.submit(sha256_file, path)
+
     try:
-        index = _write_shards(staging, units, max_shard_bytes)
+        index = _write_shards(staging, units, max_shard_bytes, hash_soon)
         _write_json(staging / INDEX_NAME, index)
         _write_json(staging / "config.json", config)
         copied = _copy_model_files(source.model_dir, staging)
@@ -388,13 +404,16 @@ def write_checkpoint(
                 fsync_file(staging / rel)
         if stage_hook is not None:
             stage_hook(staging)
-        write_manifest(staging)
+        write_manifest(staging, early)
         for d in [p for p in staging.rglob("*") if p.is_dir()] + [staging]:
             fsync_dir(d)
         _move_into_place(staging, out)
     except BaseException:
+        hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        hasher.shutdown(wait=True)
     return out
 
 
