@@ -13,6 +13,6 @@ grep -E "Maximum resident|Elapsed" "$OUT/q7b.err" | tee -a "$OUT/q7b.log"
 tail -c 20000 "$OUT/q7b.err" > "$OUT/q7b_tail.err"; rm -f "$OUT/q7b.err"
 cp /tmp/q7b-mbq-w3.work/result.json "$OUT/q7b_result.json" 2>/dev/null
 du -sh /tmp/q7b-mbq-w3 2>/dev/null | tee -a "$OUT/q7b.log"
-python3 -c "import json; r=json.load(open('$OUT/q7b_result.json')); print('stages', {k: round(v,1) for k,v in r['stages_s'].items()}); print('phases', r.get('phases_s')); print('resources', r.get('resources')); print('fidelity', r.get('fidelity'))" 2>&1 | tee -a "$OUT/q7b.log"
+python3 -c "import json; r=json.load(open('$OUT/q7b_result.json')); print('stages', {k: round(v,1) for k,v in r['stages_s'].items()}); print('phases', r.get('phases_s')); print('resources', r.get('resources')); print('fidelity', r.get('fidelity')); print('reference_s', r.get('reference_s')); print('gather_s', r.get('gather_s')); print('validate_s', [(c['name'], c.get('seconds')) for c in r['validation']['checks']]); print('worker_pids', r.get('worker_pids'))" 2>&1 | tee -a "$OUT/q7b.log"
 tail -40 "$OUT/q7b.log"
 echo "total $(( $(date +%s) - t0 ))s"

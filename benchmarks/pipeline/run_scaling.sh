@@ -21,7 +21,7 @@ r = {g: json.load(open(f"{out}/g{g}_result.json")) for g in (1, 2)}
 s = {g: r[g]["phases_s"]["search end"] - r[g]["phases_s"]["search start"] for g in r}
 for g in r:
     print(g, "GPU(s): stages", {k: round(v, 1) for k, v in r[g]["stages_s"].items()}, "phases", r[g]["phases_s"],
-          "peaks", r[g].get("resources"))
+          "peaks", r[g].get("resources"), "gpu use", r[g].get("gpu_use"), "workers", r[g].get("worker_pids"))
 print(f"search phase: 1 GPU {s[1]:.1f}s, 2 GPUs {s[2]:.1f}s -> {s[1] / s[2]:.2f}x")
 print(f"job total: 1 GPU {sum(r[1]['stages_s'].values()):.1f}s, 2 GPUs {sum(r[2]['stages_s'].values()):.1f}s")
 PY

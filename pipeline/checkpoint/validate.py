@@ -54,10 +54,15 @@ class ValidationReport:
 
 
 def _guarded(name: str, fn: Any, *args: Any) -> CheckResult:
+    import time
+
+    t0 = time.perf_counter()
     try:
-        return fn(*args)
+        result = fn(*args)
     except Exception as e:  # a check that crashes is a failed check, reported, never a traceback
-        return CheckResult(name, "fail", f"{type(e).__name__}: {e}")
+        result = CheckResult(name, "fail", f"{type(e).__name__}: {e}")
+    result.numbers["seconds"] = round(time.perf_counter() - t0, 3)  # where a slow validate spends its time
+    return result
 
 
 def _integrity(ckpt_dir: Path) -> CheckResult:
@@ -299,5 +304,6 @@ def validate_checkpoint(
 def format_report(report: ValidationReport) -> str:
     lines = [f"vlmq validate {report.ckpt_dir}: {'OK' if report.ok else 'FAILED'}"]
     for c in report.checks:
-        lines.append(f"  [{c.status.upper():4}] {c.name}: {c.message}")
+        secs = c.numbers.get("seconds")
+        lines.append(f"  [{c.status.upper():4}] {c.name}: {c.message}" + (f" ({secs:.1f}s)" if secs is not None else ""))
     return "\n".join(lines)

@@ -343,6 +343,7 @@ def write_checkpoint(
     extra_files: Mapping[str, bytes | os.PathLike] | None = None,
     stage_hook: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> Path:
     """Write a complete checkpoint to ``out_dir`` and return its path.
 
@@ -389,8 +390,10 @@ def write_checkpoint(
     def hash_soon(path: Path) -> None:
         early[path] = hasher.submit(sha256_file, path)
 
+    clock = _Clock(timings)
     try:
         index = _write_shards(staging, units, max_shard_bytes, hash_soon)
+        clock("shards")
         _write_json(staging / INDEX_NAME, index)
         _write_json(staging / "config.json", config)
         copied = _copy_model_files(source.model_dir, staging)
@@ -404,10 +407,13 @@ def write_checkpoint(
                 fsync_file(staging / rel)
         if stage_hook is not None:
             stage_hook(staging)
+        clock("extras")
         write_manifest(staging, early)
+        clock("manifest")
         for d in [p for p in staging.rglob("*") if p.is_dir()] + [staging]:
             fsync_dir(d)
         _move_into_place(staging, out)
+        clock("publish")
     except BaseException:
         hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -415,6 +421,22 @@ def write_checkpoint(
     finally:
         hasher.shutdown(wait=True)
     return out
+
+
+class _Clock:
+    """Seconds since the last call, recorded under a name (when there is a dict to record into)."""
+
+    def __init__(self, into: dict[str, float] | None):
+        import time
+
+        self.into, self._time = into, time.perf_counter
+        self.t = self._time()
+
+    def __call__(self, name: str) -> None:
+        now = self._time()
+        if self.into is not None:
+            self.into[name] = round(now - self.t, 3)
+        self.t = now
 
 
 def _vlmq_meta(

@@ -178,6 +178,7 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             "blocks": summaries,
             "fidelity": ref["fidelity"],
             "stages_s": stages,
+            "reference_s": ref.get("seconds"),
             **extras,
         }
         with _stage(stages, "gather"):
@@ -192,7 +193,8 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
 
     result = JobResult(out=out, report=report, stages=stages)
     report["validation"] = {"ok": validation.ok, "checks": [
-        {"name": c.name, "status": c.status, "message": c.message} for c in validation.checks]}
+        {"name": c.name, "status": c.status, "message": c.message, "seconds": c.numbers.get("seconds")}
+        for c in validation.checks]}
     (work / "result.json").write_text(json.dumps(report, indent=2, default=str))
     if not validation.ok:
         raise VlmqError(f"the checkpoint written to {out} failed validation:\n{format_report(validation)}",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,9 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
         extras["phases_s"]["search worker warm-up (during capture)"] = round(max(w["warm_s"] for w in sched.warm_stats), 2)
     extras["worker_pids"] = {role: sorted({r["pid"] for r in recs if "pid" in r}) for role, recs in
                              (("capture", sched.capture_stats), ("warm", sched.warm_stats), ("search", summaries))}
+    extras["gpu_use"] = {  # which GPU each kind of work ran on: shows a multi-GPU job was spread
+        role: dict(sorted(Counter(str(r["gpu"]) for r in recs if "gpu" in r).items()))
+        for role, recs in (("capture steps", sched.capture_stats), ("searches", summaries))}
     peaks = peak_gpu_by_worker(sched.capture_stats + summaries + sched.warm_stats)
     extras["resources"] = {"peak_store_bytes": sched.peak_store_bytes,
                            "peak_gpu_bytes_per_worker": sorted(peaks.values(), reverse=True)}
@@ -166,16 +171,19 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_refe
         m = row_masks(table, r)
         masks.append(prediction_masks(m["answer_mask"], m["vision_mask"]))
     device, dtype = worker_device(), ctx.torch_compute_dtype
+    t0 = time.perf_counter()
     fp = streamed_logits(source, adapter, inputs, dtype, device)
+    t1 = time.perf_counter()
     quantized = PartModules(parts, device)
     q = streamed_logits(OverlaySource(source, quantized, quantized.replaced), adapter, inputs, dtype, device,
                         layer_hook=act_quant_hook(ctx.recipe.abits))
+    seconds = {"fp pass": round(t1 - t0, 2), "fake-quant pass": round(time.perf_counter() - t1, 2)}
     fidelity = {k: merge_fidelity([logit_fidelity(a, b, m[k]) for a, b, m in zip(fp, q, masks)])
                 for k in ("answer", "text")}
     # the stored reference keeps the last REFERENCE_POSITIONS positions (the answer's end): full
     # logits of a real vocabulary are 0.4 GB a sample and would dominate the checkpoint's write
     positions = [torch.arange(max(0, x.shape[0] - REFERENCE_POSITIONS), x.shape[0]) for x in q[:n_reference]]
-    return {"fidelity": fidelity, "inputs": inputs[:n_reference], "positions": positions,
+    return {"fidelity": fidelity, "inputs": inputs[:n_reference], "positions": positions, "seconds": seconds,
             "ref_logits": [x[p] for x, p in zip(q, positions)],
             "ref_fp_logits": [x[p] for x, p in zip(fp, positions)]}
 
@@ -287,8 +295,11 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
         from safetensors.torch import load_file
 
         overlay = load_file(ctx.options["overlay"])
-    return write_checkpoint(
+    timings: dict[str, float] = {}
+    out = write_checkpoint(
         spec.out, source, parts, replaced=overlay, recipe_info=recipe_info,
         act_bits=ctx.recipe.abits if ctx.recipe.abits < 16 else None,
-        stage_hook=stage_hook, overwrite=spec.overwrite or spec.resume,
+        stage_hook=stage_hook, overwrite=spec.overwrite or spec.resume, timings=timings,
     )
+    report["gather_s"] = timings  # in result.json (the checkpoint's report.json was written before the manifest)
+    return out
