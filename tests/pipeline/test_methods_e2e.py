@@ -47,6 +47,8 @@ def test_w4a8(ray_local, tiny_dirs, tmp_path, family, method):
     assert group["weights"]["symmetric"] and group["weights"]["strategy"] == "channel"
     acts = group["input_activations"]
     assert acts["num_bits"] == 8 and acts["dynamic"] and acts["strategy"] == "token"
+    # SmoothQuant's searches overlap capture (no worker to warm); MBQ's wait for the gradient pass
+    assert len(res.report["worker_pids"]["warm"]) == (1 if method == "mbq" else 0)
 
 
 @pytest.mark.parametrize("family,method", [("llava", "qvlm"), ("qwen2_vl", "qvlm+mbq")])
