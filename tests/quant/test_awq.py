@@ -275,3 +275,38 @@ def test_cuda_search_matches_cpu(method, abits):
         m = b16.metrics["layers"]["0"][g.name]
         assert m["loss_final"] == pytest.approx(mc[g.name]["loss_final"], rel=0.3)
         assert m["loss_final"] <= m["loss_rtn"] or method == "smoothquant"  # SQ has no search
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_gram_form_of_the_squared_loss_is_the_direct_one(dtype, rel):
+    """trace(A G A^T) with G = X^T D X gives every grid loss of the direct form and the same choices,
+    for AWQ (D = 1) and for MBQ's modality weights with --loss mse; the clipped loss too."""
+    from pipeline.quant.mbq import search_mbq
+    from scale_layers import calib as mbq_calib
+
+    layer, cfg = decoder_layer("qwen2", seed=7, dtype=dtype, outliers=3)
+    smps = samples(cfg, n=3, tokens=20, seed=int(torch.randint(0, 1000, ())), dtype=dtype)
+    for run in (lambda **o: search_awq([layer], [0], BlockCalib(smps), settings(bits=3, group=32, grid=8,
+                                                                              chunk_tokens=17, **o)),
+                lambda **o: search_mbq([layer], [0], mbq_calib(smps, r_attn=0.3, r_mlp=2.0),
+                                       settings(bits=3, group=32, grid=8, loss="mse", chunk_tokens=17, **o))):
+        direct, gram = run(gram=False), run(gram=True)
+        for g in LLAMA_LIKE_GROUPS:
+            md, mg = direct.metrics["layers"]["0"][g.name], gram.metrics["layers"]["0"][g.name]
+            if "grid" in md:
+                assert mg["grid"] == pytest.approx(md["grid"], rel=rel)
+                assert mg["alpha"] == md["alpha"]
+            assert mg["loss_final"] == pytest.approx(md["loss_final"], rel=rel)
+        for k, qw in direct.quantized.items():
+            assert torch.equal(qw.qweight, gram.quantized[k].qweight), k
+
+
+def test_gram_pays_by_hand():
+    from pipeline.quant.awq import gram_pays
+
+    # Qwen2-VL-7B at 48,128 tokens: qkv (in 3584, out 4608), gate/up (out 37888), o: yes; down (in 18944): no
+    assert gram_pays("mse", 16, 48128, 3584, 4608) and gram_pays("mse", 16, 48128, 3584, 37888)
+    assert gram_pays("mse", 16, 48128, 3584, 3584) and not gram_pays("mse", 16, 48128, 18944, 3584)
+    assert not gram_pays("mae", 16, 48128, 3584, 37888)  # |.| has no Gram form
+    assert not gram_pays("mse", 8, 48128, 3584, 37888)  # activation quantization is nonlinear in X / s
+    assert not gram_pays("mse", 16, 100, 3584, 37888)  # few tokens: the Gram matrix costs more than it saves
