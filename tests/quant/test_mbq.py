@@ -111,7 +111,8 @@ def test_weighted_clip_search_matches_brute_force(norm):
     assert (got < 1).any()  # the outliers made clipping worthwhile somewhere
 
 
-def test_modality_weighted_clip_minimizes_its_own_objective():
+@pytest.mark.parametrize("norm", ["mae", "mse"])  # mse takes the Gram-block form (group size 32 < 300 tokens)
+def test_modality_weighted_clip_minimizes_its_own_objective(norm):
     """MBQ's extension: modality weights inside the clip search. Each ratio choice is optimal for its
     own objective (checked in float64 against every candidate ratio), and the weighting changes
     choices where vision and text tokens disagree. The recipe flag reaches the search options."""
@@ -125,8 +126,9 @@ def test_modality_weighted_clip_minimizes_its_own_objective():
     w = torch.randn(12, 64, generator=g)
     xs = torch.randn(300, 64, generator=g) * 0.2
     vision = torch.arange(300) < 150
-    xs[vision] = torch.randn(150, 64, generator=g) * 4.0  # vision tokens: large, weighted 0.05
-    weights = torch.where(vision, 0.05, 1.0)
+    xs[vision] = torch.randn(150, 64, generator=g) * 4.0  # vision tokens: large, weighted little
+    # vision weight small enough that text tokens lead the weighted objective (squares need smaller)
+    weights = torch.where(vision, 0.05 if norm == "mae" else 5e-4, 1.0)
     ratios = [1.0 - i / 20 for i in range(11)]
 
     def errors(weights_or_none):  # [n_ratios, out, groups] in float64, straight from the definition
@@ -134,18 +136,19 @@ def test_modality_weighted_clip_minimizes_its_own_objective():
         for r in ratios:
             cand = clamp_groups(w, torch.full((12, 2), r), scheme)
             dq = (fake_quant(cand, scheme, torch.float32) - w).double().reshape(12, 2, 32)
-            part = torch.einsum("tgk,ogk->tog", xs.double().reshape(300, 2, 32), dq).abs()
+            part = torch.einsum("tgk,ogk->tog", xs.double().reshape(300, 2, 32), dq)
+            part = part.abs() if norm == "mae" else part.square()
             wt = torch.ones(300, dtype=torch.float64) if weights_or_none is None else weights_or_none.double()
             out.append((part * wt[:, None, None]).sum(0))
         return torch.stack(out)
 
     for wts in (weights, None):
-        chosen = clip_search(w, xs, wts, "mae", scheme, torch.float32, 16, ratios)
+        chosen = clip_search(w, xs, wts, norm, scheme, torch.float32, 16, ratios)
         e = errors(wts)
         idx = (chosen.double()[None] - torch.tensor(ratios, dtype=torch.float64)[:, None, None]).abs().argmin(0)
         got = e.gather(0, idx[None]).squeeze(0)
         assert torch.all(got <= e.min(0).values * (1 + 1e-5) + 1e-9)
-    assert not torch.equal(clip_search(w, xs, weights, "mae", scheme, torch.float32, 16, ratios),
-                           clip_search(w, xs, None, "mae", scheme, torch.float32, 16, ratios))
+    assert not torch.equal(clip_search(w, xs, weights, norm, scheme, torch.float32, 16, ratios),
+                           clip_search(w, xs, None, norm, scheme, torch.float32, 16, ratios))
     assert ScaleOptions.from_options(vars(QuantRecipe(mbq_clip_weighting=False))).mbq_clip_weighting is False
     assert ScaleOptions.from_options(vars(QuantRecipe())).mbq_clip_weighting is True
