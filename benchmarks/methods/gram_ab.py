@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--clip", action="store_true", help="with the clip search (its Gram-block form too)")
     a = p.parse_args()
     import sys
     from pathlib import Path
@@ -44,17 +45,24 @@ def main() -> None:
     for rep in range(a.reps):
         for gram in (False, None):
             st = SearchSettings(scheme=QuantScheme(4, 128, False), groups=LLAMA_LIKE_GROUPS, scale_dtype=dtype,
-                                abits=16, options={"clip": False, "gram": gram}, device=a.device)
+                                abits=16, options={"clip": a.clip, "gram": gram}, device=a.device)
             t0 = time.perf_counter()
             res = search_awq([layer], [0], BlockCalib(smps), st)
             wall = time.perf_counter() - t0
             m = res.metrics["layers"]["0"]
-            out.setdefault(gram, []).append((wall, m["time_s"]["scales"], {g.name: m[g.name].get("alpha") for g in LLAMA_LIKE_GROUPS}))
+            out.setdefault(gram, []).append((wall, m["time_s"]["scales"], {g.name: m[g.name].get("alpha") for g in LLAMA_LIKE_GROUPS},
+                                             m["time_s"]["clip"], res))
     for gram, runs in out.items():
         label = "direct" if gram is False else "gram (auto)"
-        print(f"{label:12s} scales phase {[round(r[1], 2) for r in runs]} s, whole search {[round(r[0], 2) for r in runs]} s, alphas {runs[-1][2]}")
+        print(f"{label:12s} scales phase {[round(r[1], 2) for r in runs]} s, clip phase {[round(r[3], 2) for r in runs]} s, "
+              f"whole search {[round(r[0], 2) for r in runs]} s, alphas {runs[-1][2]}")
     d, g = min(r[1] for r in out[False]), min(r[1] for r in out[None])
     print(f"scales phase: direct {d:.2f}s, gram {g:.2f}s -> {d / g:.2f}x; same alphas: {out[False][-1][2] == out[None][-1][2]}")
+    if a.clip:
+        dc, gc = min(r[3] for r in out[False]), min(r[3] for r in out[None])
+        rd, rg = out[False][-1][4], out[None][-1][4]
+        same = all(torch.equal(q.qweight, rg.quantized[k].qweight) for k, q in rd.quantized.items())
+        print(f"clip phase: direct {dc:.2f}s, gram blocks {gc:.2f}s -> {dc / gc:.2f}x; identical codes: {same}")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,7 @@ def clip_search(
     abits: int,
     ratios: Sequence[float],
     budget: int = 1 << 24,
+    gram: bool = True,
 ) -> torch.Tensor:
     """Best shrink ratio per (output row, input group) of one Linear: ``[out, n_groups]``.
 
@@ -234,7 +235,7 @@ def clip_search(
     # Squared error: sum_t w_t (X_tg . d_og)^2 = d_og^T G_g d_og with G_g = X_g^T D X_g, the group's
     # [gs, gs] block of the weighted Gram matrix: gs instead of n multiply-adds per weight.
     blocks = None
-    if norm == "mse" and eg is None and gs < n:
+    if gram and norm == "mse" and eg is None and gs < n:
         xw = xg * wt if wt is not None else xg
         blocks = torch.einsum("tgk,tgl->gkl", xw, xg)
     best = torch.ones(out_f, ng, dtype=w.dtype, device=w.device)
@@ -419,7 +420,7 @@ def _clip_group(group: LinearGroup, ws: list[torch.Tensor], s: torch.Tensor, sub
             clip_m[name] = {"mean": 1.0, "min": 1.0, "skipped": "q/k"}
         else:
             r = clip_search(wsc, xs, weighting.token_weights(sub), weighting.norm, scheme, sd, abits,
-                            opts.clip_ratios(), opts.clip_budget)
+                            opts.clip_ratios(), opts.clip_budget, gram=opts.gram is not False)
             before = linear_error(wsc, fake_quant(wsc, scheme, sd), sub, s, weighting, abits)
             after = linear_error(wsc, fake_quant(clamp_groups(wsc, r, scheme), scheme, sd), sub, s, weighting, abits)
             reverted = not after < before  # per-group choices are greedy: never accept a worse Linear
