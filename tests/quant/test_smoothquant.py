@@ -64,17 +64,25 @@ def _w4a8_layer_error(layer, res, smps) -> float:
 
 
 def test_w4a8_mbq_error_at_most_smoothquant():
-    seed = int(torch.randint(0, 1000, ()))
-    layer, cfg = decoder_layer("llama", seed=seed, outliers=4)
-    smps = samples(cfg, n=3, tokens=48, seed=seed + 1, all_weighted=True)
-    sq = search_smoothquant([layer], [0], BlockCalib(smps), settings(**W4A8))
-    mbq = search_mbq([layer], [0], calib(smps, 1.0, 1.0), settings(**W4A8, loss="mse", grid=10))
-    rtn = search_rtn([layer], [0], None, settings(**W4A8))
-    # the same norm: with r = 1, MSE and only answer/vision tokens, both report the plain MSE
-    msq, mmbq = sq.metrics["layers"]["0"], mbq.metrics["layers"]["0"]
-    for g in ("qkv", "o", "gate_up", "down"):
-        assert mmbq[g]["loss_rtn"] == pytest.approx(msq[g]["loss_rtn"], rel=1e-6)
-    groups = ("qkv", "o", "gate_up", "down")
-    assert sum(mmbq[g]["loss_final"] for g in groups) <= sum(msq[g]["loss_final"] for g in groups)
-    e_sq, e_mbq, e_rtn = (_w4a8_layer_error(layer, r, smps) for r in (sq, mbq, rtn))
-    assert e_mbq <= e_sq and e_mbq < e_rtn
+    """MBQ's searched scales beat SmoothQuant's fixed alpha = 0.5 on the loss both report, on every
+    draw; on the whole layer's output (through attention, which neither search sees) they win on
+    average: over 1000 seeds the error ratio to SmoothQuant is 0.54 +- 0.17 (to RTN 0.41 +- 0.14),
+    but ~2% of single draws lose (worst 1.2x), so the layer claim is checked over 4 fresh draws."""
+    ratios_sq, ratios_rtn = [], []
+    for _ in range(4):
+        seed = int(torch.randint(0, 1000, ()))
+        layer, cfg = decoder_layer("llama", seed=seed, outliers=4)
+        smps = samples(cfg, n=3, tokens=48, seed=seed + 1, all_weighted=True)
+        sq = search_smoothquant([layer], [0], BlockCalib(smps), settings(**W4A8))
+        mbq = search_mbq([layer], [0], calib(smps, 1.0, 1.0), settings(**W4A8, loss="mse", grid=10))
+        rtn = search_rtn([layer], [0], None, settings(**W4A8))
+        # the same norm: with r = 1, MSE and only answer/vision tokens, both report the plain MSE
+        msq, mmbq = sq.metrics["layers"]["0"], mbq.metrics["layers"]["0"]
+        groups = ("qkv", "o", "gate_up", "down")
+        for g in groups:
+            assert mmbq[g]["loss_rtn"] == pytest.approx(msq[g]["loss_rtn"], rel=1e-6)
+        assert sum(mmbq[g]["loss_final"] for g in groups) <= sum(msq[g]["loss_final"] for g in groups), seed
+        e_sq, e_mbq, e_rtn = (_w4a8_layer_error(layer, r, smps) for r in (sq, mbq, rtn))
+        ratios_sq.append(e_mbq / e_sq)
+        ratios_rtn.append(e_mbq / e_rtn)
+    assert sum(ratios_sq) / 4 < 0.9 and sum(ratios_rtn) / 4 < 0.8, (ratios_sq, ratios_rtn)
