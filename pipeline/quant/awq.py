@@ -15,6 +15,7 @@ the unquantized layer computes them), so "RTN", "scaled" and "clipped" numbers c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -165,21 +166,16 @@ def gram_pays(norm: str, abits: int, n_tokens: int, in_f: int, out_f: int) -> bo
     return gram < direct
 
 
-def _fp32_matmuls() -> Any:
+@contextlib.contextmanager
+def _fp32_matmuls() -> Iterator[None]:
     """fp32 matmuls on tensor cores (TF32: 10 mantissa bits, finer than the 8 of the bf16 direct
     path), restored afterwards."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(before)
-
-    return ctx()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def weighted_gram(inputs: GroupInputs, weighting: Weighting) -> torch.Tensor:
