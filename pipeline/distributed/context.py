@@ -98,8 +98,11 @@ def worker_device() -> torch.device:
     once: a worker that first ran on GPU 0 and is later handed GPU 1 would keep computing on GPU 0,
     piling two GPUs' work onto one. So the first call opens the node's whole GPU list to the
     process, and every call selects the task's GPU by index (and releases the cache held on the
-    GPU a previous task used)."""
+    GPU a previous task used). It also keeps attention off cuDNN (``shape_stable_attention``)."""
     global _cuda_view, _last_index
+    from ..models.loading import shape_stable_attention
+
+    shape_stable_attention()
     assignment = ray_gpu_assignment()
     if assignment is not None and _cuda_view is _UNSET and not torch.cuda.is_initialized():
         _cuda_view = open_cuda_view(assignment[1], os.environ)  # type: ignore[arg-type]

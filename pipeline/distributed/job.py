@@ -149,12 +149,14 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     with _stage(stages, "ray start"):
         ray_ctx = init_ray(spec.resources)
     try:
+        from .scheduler import capture_groups
+
         ctx = JobContext(
             model=prep.model_ref, family=prep.family, recipe=spec.recipe, work_dir=str(work),
             store_root=spec.resources.store or str(work / "acts"), compute_dtype=prep.compute_dtype,
             storage_dtype=prep.storage_dtype, allow_pickle=spec.allow_pickle,
             store_max_bytes=int(spec.resources.store_max_gb * 2**30) if spec.resources.store_max_gb else None,
-            options={"fault": fault_from_env(), "groups": max(1, ray_ctx.num_gpus),
+            options={"fault": fault_from_env(), "groups": capture_groups(ray_ctx, data_report["calibration_rows"]),
                      "warm_workers": os.environ.get("VLMQ_WARM_WORKERS", "1") != "0"},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)

@@ -99,9 +99,9 @@ def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], to
     capture = head + layer + 4 * 2048 * hidden * act_bytes
     gradient = head + layer + 2 * 2048 * vocab * 4  # MBQ: one sample's fp32 logits and their gradient
     search = layer + group_inputs
-    # A GPU hosts two workers at once (scheduler shares 0.51 / 0.49): a capture worker beside a
-    # search worker while capture lasts, two search workers after; each keeps a CUDA context.
-    per_gpu = max(max(capture, gradient) + search, 2 * search) + 2 * CUDA_CONTEXT_BYTES
+    # A GPU hosts three workers at once (scheduler shares 0.34 / 0.32): two capture workers beside
+    # a search worker while capture lasts, three search workers after; each keeps a CUDA context.
+    per_gpu = max(2 * max(capture, gradient) + search, 3 * search) + 3 * CUDA_CONTEXT_BYTES
     return {"head": head, "layer": layer, "capture": capture, "gradient": gradient, "search": search,
             "per_gpu": per_gpu, "tokens": tokens}
 
@@ -148,8 +148,8 @@ def format_plan(plan: ShardPlan) -> str:
                   f"logits and their gradient)",
                   f"  search worker peak  ~ {w['search'] / GIB:.1f} GiB (one layer + its group inputs for "
                   f"{w['tokens']} calibration tokens)",
-                  f"  per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (a capture worker beside a search worker, or two "
-                  f"searches; CUDA contexts included)",
+                  f"  per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (two capture workers beside a search worker, or "
+                  f"three searches; CUDA contexts included)",
                   f"  -> {verdict} a {plan.gpu_bytes / GIB:.0f} GiB GPU; more GPUs divide the work, not the memory"]
     lines += ["", f"layer-range shards over {len(plan.ranges)} GPU(s) (how the weights split for serving"
               + ("" if plan.fits else "; they do NOT fit at this size") + "):",
@@ -170,9 +170,9 @@ def memory_preflight(config: dict, adapter: object, dtype: object, tokens: int, 
     w = worker_peaks(config, est.layer_bytes, est.other_bytes, tokens)
     fixed = max(w["capture"], w["gradient"]) + CUDA_CONTEXT_BYTES
     line = (f"memory plan: capture worker {fixed / GIB:.1f} GiB, search worker ~ {w['search'] / GIB:.1f} GiB, "
-            f"per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (two workers; ~{tokens} tokens), GPU {gpu_bytes / GIB:.0f} GiB")
+            f"per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (three workers; ~{tokens} tokens), GPU {gpu_bytes / GIB:.0f} GiB")
     if fixed > gpu_bytes:
         return line + ": one worker does not fit", True
     if w["per_gpu"] > 0.95 * gpu_bytes:
-        return line + ": tight, two workers per GPU may run out of memory (fewer --num-samples lowers it)", False
+        return line + ": tight, three workers per GPU may run out of memory (fewer --num-samples lowers it)", False
     return line, False

@@ -28,23 +28,33 @@ from .wavefront import group_root, needs_last_stream, wavefront_step
 MAX_RETRIES = 3
 
 
-CAPTURE_SHARE = 0.51  # of a GPU: two capture groups never fit on one GPU, so Ray spreads them
-SEARCH_SHARE = 0.49  # one search beside each capture group, two per GPU once capture is over
+CAPTURE_GROUPS_PER_GPU = 2  # capture is host-bound (store I/O, launches): two groups keep a GPU busier
+CAPTURE_SHARE = 0.34  # of a GPU: two capture groups fit on one GPU, a third does not, so Ray spreads them
+SEARCH_SHARE = 0.32  # one search beside a GPU's two capture groups, three per GPU once capture is over
 
 
 def placement(ray_ctx: RayContext, share: float = SEARCH_SHARE) -> dict[str, Any]:
-    """Capture workers and search tasks each take about half a GPU, so one of each runs per GPU
-    while capture lasts and two searches per GPU after; on CPUs one core each.
+    """Two capture groups and one search share a GPU while capture lasts, three searches after;
+    on CPUs one core each.
 
-    The shares are 0.51 / 0.49, not 0.5 / 0.5: Ray packs fractional requests onto the first GPU
-    with room, so with even halves both capture groups of a 2-GPU job landed on GPU 0 (and their
-    gradient passes too) while GPU 1 waited for the searches.
+    The capture share is over a third: Ray packs fractional requests onto the first GPU with room,
+    so with shares that let three capture groups fit (or two, at 0.5 / 0.5 with one group per GPU)
+    a 2-GPU job's capture piled onto GPU 0 (and its gradient passes too) while GPU 1 waited.
 
     ``max_calls=0`` keeps GPU workers alive between tasks: Ray's default for GPU tasks is one task
     per process, which made every capture step and search pay a fresh interpreter, imports, CUDA
     context and meta model (~25 s each; measured on the H100, 7B: 30 s per layer instead of 1 s).
     A kept worker may be handed another GPU by its next task: ``worker_device`` follows it."""
     return {"num_gpus": share, "max_calls": 0} if ray_ctx.num_gpus else {"num_cpus": 1}
+
+
+def capture_groups(ray_ctx: RayContext, n_rows: int) -> int:
+    """Sample groups walking the decoder side by side: ``CAPTURE_GROUPS_PER_GPU`` per GPU, one on CPUs.
+    A capture step is mostly host work (reading and writing the store, launching small kernels:
+    ~0.1 s of a 7B layer's ~0.9 s was the forward on the H100), so a second group on a GPU
+    overlaps its host work with the first's instead of leaving the GPU idle."""
+    groups = ray_ctx.num_gpus * CAPTURE_GROUPS_PER_GPU if ray_ctx.num_gpus else 1
+    return max(1, min(groups, n_rows))  # never an empty group: readers iterate over every group's store
 
 
 def split_rows(n_rows: int, n_groups: int) -> list[list[int]]:
@@ -281,7 +291,7 @@ class CaptureAndSearch:
         if not n_groups or not searches_wait or self.ctx.options.get("warm_workers") is False:
             return []
         if self.ray_ctx.num_gpus:
-            free = self.ray_ctx.num_gpus  # one SEARCH_SHARE beside each GPU's capture group
+            free = self.ray_ctx.num_gpus  # one SEARCH_SHARE beside each GPU's capture groups
         else:
             free = max(0, min(self.ray_ctx.num_cpus - n_groups, self.n_layers))
         task = ray.remote(max_retries=0, **placement(self.ray_ctx))(warm_worker)

@@ -153,6 +153,7 @@ REFERENCE_POSITIONS = 32
 def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_reference: int = 4) -> dict[str, Any]:
     """fp and fake-quant logits of the held-out samples, decoder layers streamed one at a time
     (so the reference of a 72B model needs one layer of memory, like the capture)."""
+    t_start = time.perf_counter()
     import torch
 
     from ..checkpoint.parts import PartModules
@@ -177,9 +178,11 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_refe
     quantized = PartModules(parts, device)
     q = streamed_logits(OverlaySource(source, quantized, quantized.replaced), adapter, inputs, dtype, device,
                         layer_hook=act_quant_hook(ctx.recipe.abits))
-    seconds = {"fp pass": round(t1 - t0, 2), "fake-quant pass": round(time.perf_counter() - t1, 2)}
+    t2 = time.perf_counter()
     fidelity = {k: merge_fidelity([logit_fidelity(a, b, m[k]) for a, b, m in zip(fp, q, masks)])
                 for k in ("answer", "text")}
+    seconds = {"setup": round(t0 - t_start, 2), "fp pass": round(t1 - t0, 2),
+               "fake-quant pass": round(t2 - t1, 2), "fidelity": round(time.perf_counter() - t2, 2)}
     # the stored reference keeps the last REFERENCE_POSITIONS positions (the answer's end): full
     # logits of a real vocabulary are 0.4 GB a sample and would dominate the checkpoint's write
     positions = [torch.arange(max(0, x.shape[0] - REFERENCE_POSITIONS), x.shape[0]) for x in q[:n_reference]]
@@ -247,7 +250,11 @@ def reference(ctx: JobContext, ray_ctx: RayContext, holdout_path: str, view: Job
 
     view.info("reference outputs and fidelity on held-out samples")
     task = ray.remote(max_retries=MAX_RETRIES, **placement(ray_ctx, share=1.0))(_reference_task)
-    return ray.get(task.remote(ctx, part_paths(ctx), holdout_path))
+    t0 = time.perf_counter()
+    out = ray.get(task.remote(ctx, part_paths(ctx), holdout_path))
+    # what the task did not time itself: scheduling, a worker start, moving the result back
+    out["seconds"]["outside the task"] = round(time.perf_counter() - t0 - sum(out["seconds"].values()), 2)
+    return out
 
 
 def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: dict[str, Any],

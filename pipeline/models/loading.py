@@ -24,6 +24,23 @@ from .base import VLMAdapter
 from .weights import WeightSource
 
 ATTN_IMPLEMENTATION = "sdpa"
+CUDNN_SDPA_ENV = "VLMQ_CUDNN_SDPA"
+
+
+def shape_stable_attention() -> bool:
+    """Keep SDPA off cuDNN in this process (``VLMQ_CUDNN_SDPA=1`` leaves it on); True if turned off.
+
+    cuDNN's attention builds an execution plan for every new sequence length, and calibration,
+    the gradient pass, references and evaluation see a new length with nearly every sample. On the
+    H100 (torch 2.11) that cost ~35 ms a call: 4.4 s for the first pass of a layer over 128
+    samples, and every call of the MBQ gradient pass (14 ms forward + 14 ms backward per sample
+    and layer, against ~1 ms of work). Flash / memory-efficient attention need no plan."""
+    import os
+
+    if os.environ.get(CUDNN_SDPA_ENV, "0") == "1":
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
 
 
 @contextlib.contextmanager

@@ -67,10 +67,10 @@ for visible in (None, "5,7"):
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     out.append(ray.get([probe.remote(k) for k in range(12)]))
-    if visible is None:  # two capture groups and two searches submitted together
-        refs = [slot.options(num_gpus=CAPTURE_SHARE).remote("capture") for _ in range(2)]
+    if visible is None:  # a 2-GPU job's four capture groups and two warm-up searches, submitted together
+        refs = [slot.options(num_gpus=CAPTURE_SHARE).remote("capture") for _ in range(4)]
         refs += [slot.options(num_gpus=SEARCH_SHARE).remote("search") for _ in range(2)]
         out.append(ray.get(refs))
     ray.shutdown()
@@ -87,10 +87,10 @@ def test_reused_workers_follow_each_tasks_gpu(tmp_path):
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))
     plain, slots, narrowed = json.loads(line[len("RESULT"):])
 
-    # Ray packs fractional GPUs: with 0.5 / 0.5 both capture groups landed on GPU 0
+    # Ray packs fractional GPUs: with 0.5 / 0.5 (one group per GPU) both capture groups landed on GPU 0
     capture_gpus = [g for g, what in slots if what == "capture"]
     search_gpus = [g for g, what in slots if what == "search"]
-    assert sorted(capture_gpus) == ["0", "1"] and sorted(search_gpus) == ["0", "1"]
+    assert sorted(capture_gpus) == ["0", "0", "1", "1"] and sorted(search_gpus) == ["0", "1"]
 
     # a node with every GPU visible: Ray numbers them 0, 1 and so does the opened view
     assert {r["ids"][0] for r in plain} == {"0", "1"}
@@ -107,3 +107,27 @@ def test_reused_workers_follow_each_tasks_gpu(tmp_path):
         assert r["original"] == ["5", "7"] and r["index"] == ["5", "7"].index(r["ids"][0])
         if r["first"]:
             assert r["env_after"] == "5,7"
+
+
+@pytest.mark.parametrize("env, enabled_after", [(None, False), ("1", True), ("0", False)])
+def test_workers_keep_attention_off_cudnn(monkeypatch, env, enabled_after):
+    """cuDNN SDPA plans a kernel per sequence length (35 ms a new length on the H100): every
+    worker entry point turns it off unless VLMQ_CUDNN_SDPA=1."""
+    import torch
+
+    from pipeline.distributed.context import worker_device
+    from pipeline.evaluate.tasks.items import worker_device as eval_worker_device
+    from pipeline.models.loading import CUDNN_SDPA_ENV
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for entry in (worker_device, eval_worker_device):
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            if env is None:
+                monkeypatch.delenv(CUDNN_SDPA_ENV, raising=False)
+            else:
+                monkeypatch.setenv(CUDNN_SDPA_ENV, env)
+            entry()
+            assert torch.backends.cuda.cudnn_sdp_enabled() is enabled_after
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -102,3 +102,39 @@ def test_status_lines_carry_phase_and_eta(ray_local, tiny_dirs, tmp_path, monkey
     assert any("capture done:" in ln for ln in lines) and any(ln.startswith("search: ") for ln in lines)
     phases = res.report["phases_s"]
     assert phases["capture end"] <= phases["gradient pass end"] <= phases["search start"] <= phases["search end"]
+
+
+def test_capture_groups_do_not_change_the_checkpoint(ray_local, tiny_dirs, tmp_path):
+    """Two capture groups per GPU: a job on a local Ray declaring two (fake) GPUs walks four sample
+    groups through the decoder; the gradient-pass stats merge over groups and the searches read the
+    groups back in sample order, so every tensor equals the one-group job's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    model = tiny_dirs["qwen2_vl"]
+    one = _job(model, tmp_path / "one", method="mbq", wbits=3, group_size=32)
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES")}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())",
+                          "quantize", "--model", str(model), "--method", "mbq", "--wbits", "3", "--group-size", "32",
+                          "--num-samples", "3", "--holdout", "1", "--device", "cpu", "--num-cpus", "4",
+                          "--num-gpus", "2", "--out", str(tmp_path / "four"), "--keep-work"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "four.work" / "acts").iterdir() if p.name.startswith("g")) == \
+        ["g00", "g01", "g02"]  # 4 groups for 2 GPUs, but 3 samples: one sample per group, no empty group
+
+    def tensors(d: Path) -> dict:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = tensors(one.out), tensors(tmp_path / "four")
+    assert a.keys() == b.keys() and len(a) > 10
+    assert [k for k in a if not a[k].equal(b[k])] == []

@@ -50,8 +50,9 @@ def test_worker_peaks_by_hand():
     assert w["capture"] == 10 + 12 + 4 * 2048 * 1000 * 2
     assert w["gradient"] == 10 + 12 + 2 * 2048 * 500 * 4  # fp32 logits + their gradient, one sample
     assert w["search"] == 12 + 100 * (3 * 1000 + 3000) * 2
-    # two workers share a GPU: the larger of (capture 16,384,022 (> gradient) + search 1,200,012) and 2 x search
-    assert w["per_gpu"] == 16_384_022 + 1_200_012 + 2 * CUDA_CONTEXT_BYTES
+    # three workers share a GPU: the larger of (2 x capture 16,384,022 (> gradient) + search 1,200,012)
+    # and 3 x search
+    assert w["per_gpu"] == 2 * 16_384_022 + 1_200_012 + 3 * CUDA_CONTEXT_BYTES
 
 
 def test_memory_preflight_refuses_only_what_cannot_fit():

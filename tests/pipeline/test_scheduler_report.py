@@ -2,18 +2,23 @@
 capture summary are computed from what the tasks returned (hand-worked values)."""
 
 from pipeline.distributed.runtime import RayContext
-from pipeline.distributed.scheduler import CAPTURE_SHARE, SEARCH_SHARE, capture_summary, peak_gpu_by_worker, placement
+from pipeline.distributed.scheduler import (CAPTURE_SHARE, SEARCH_SHARE, capture_groups, capture_summary,
+                                           peak_gpu_by_worker, placement)
 
 
 def test_gpu_tasks_reuse_their_worker_process():
     # Ray's default for GPU tasks is one task per process (max_calls=1): each capture step then paid
     # a fresh interpreter + CUDA context, 30 s per 7B layer on the H100 instead of 1 s.
     ctx = RayContext(address=None, num_cpus=16, num_gpus=2, started_here=True)
-    assert placement(ctx) == {"num_gpus": 0.49, "max_calls": 0}
-    assert placement(ctx, CAPTURE_SHARE) == {"num_gpus": 0.51, "max_calls": 0}
-    # one capture group and one search share a GPU; two capture groups never do
-    assert CAPTURE_SHARE + SEARCH_SHARE <= 1 < 2 * CAPTURE_SHARE and 2 * SEARCH_SHARE <= 1
-    assert placement(RayContext(address=None, num_cpus=2, num_gpus=0, started_here=True)) == {"num_cpus": 1}
+    assert placement(ctx) == {"num_gpus": 0.32, "max_calls": 0}
+    assert placement(ctx, CAPTURE_SHARE) == {"num_gpus": 0.34, "max_calls": 0}
+    # two capture groups and one search share a GPU; three capture groups never do; three searches
+    # fit once capture is over, four do not
+    assert 2 * CAPTURE_SHARE + SEARCH_SHARE <= 1 < 3 * CAPTURE_SHARE and 3 * SEARCH_SHARE <= 1 < 4 * SEARCH_SHARE
+    cpu = RayContext(address=None, num_cpus=2, num_gpus=0, started_here=True)
+    assert placement(cpu) == {"num_cpus": 1}
+    assert capture_groups(ctx, 128) == 4 and capture_groups(cpu, 128) == 1
+    assert capture_groups(ctx, 3) == 3  # never an empty group
 
 
 def test_peak_per_worker_is_the_max_over_its_tasks():

@@ -72,6 +72,9 @@ def build_matrix(ckpts: list[CheckpointRef], tasks: list[Task], backend: str = "
 
 
 def worker_device() -> torch.device:
+    from ...models.loading import shape_stable_attention
+
+    shape_stable_attention()  # every item has new sequence lengths: no per-length cuDNN plans
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
