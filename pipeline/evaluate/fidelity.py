@@ -9,11 +9,14 @@ def logit_fidelity(fp_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.
     """KL(fp || quant) per token (nats), top-1 agreement and token count over ``mask`` positions.
 
     Logits are ``[T, V]``; computed in float64 so a checkpoint against itself gives exactly 0.
+    The positions are selected before the softmax (it is per position): a 7B vocabulary's full
+    float64 softmax of every position was 10.7 s of a 7B job's reference stage on one core.
     """
+    if mask is not None:
+        mask = mask.to(fp_logits.device)
+        fp_logits, q_logits = fp_logits[mask], q_logits[mask]
     p = torch.log_softmax(fp_logits.double(), dim=-1)
     q = torch.log_softmax(q_logits.double(), dim=-1)
-    if mask is not None:
-        p, q = p[mask], q[mask]
     if p.shape[0] == 0:
         return {"kl": float("nan"), "top1": float("nan"), "tokens": 0}
     kl = (p.exp() * (p - q)).sum(-1)
