@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 sweepsmall sweepsym bench benchsmall dequant decode ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,6 +37,10 @@ for s in $STAGES; do
       stamp bench
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --w4a8 --reps 15 --out "$OUT/bench" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.log" | tail -5 ;;
+    large)
+      stamp large
+      timeout 300 python3 -m pipeline.evaluate.bench_kernels --m 512 2048 --reps 15 --out "$OUT/large" 2>&1 \
+        | grep -v Warning | tee "$OUT/large.log" | tail -40 ;;
     benchsmall)
       stamp benchsmall
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --m 1 4 16 --reps 15 --out "$OUT/bench" 2>&1 \

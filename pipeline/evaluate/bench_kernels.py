@@ -365,8 +365,11 @@ def run(args) -> int:
         rows.append(r)
         print(f"{c.k:>6} -> {c.n:<6} M={c.m:<5} {r['label']:<52} {us:9.1f} us  {r['gbps']:6.0f} GB/s  "
               f"{r['pct_floor']:5.1f}% floor  x{(r['speedup_vs_cublas'] or 0):.2f}", flush=True)
+    from kernels import autotune
+
+    tuned = {repr(k): v for k, v in autotune.trace().items()}  # every candidate's eager time, per shape
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "errors": errs}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "errors": errs, "autotune": tuned}, f, indent=1, default=str)
     md = to_markdown(rows, meta)
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
         f.write(md)
