@@ -156,84 +156,30 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
-DEQUANT_BN = 64  # rows per dequantize program: chunk boundaries are multiples of it
-
-
-def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, bk: int = 128,
-               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(pw: PackedWeight, dtype: torch.dtype = torch.float16, bk: int = 128) -> torch.Tensor:
     """The 16-bit weight ``[out, in]`` (``(q - zero) * scale`` rounded once), by one kernel.
-    bk=128: 216 µs for W4 8192->28672 on the H100 (2.74 TB/s moved) vs 241 µs at bk=64 (run 5).
-    ``rows=(a, b)`` (multiples of DEQUANT_BN, or b = out_features) fills only those rows of ``out``."""
+    bk=128: 216 µs for W4 8192->28672 on the H100 (2.74 TB/s moved) vs 241 µs at bk=64 (run 5)."""
     from .gemm import dequant_kernel
 
+    if pw.tile % 64:
+        raise ValueError(f"dequantize needs a column tile that is a multiple of 64 (its row block), got {pw.tile}")
     n, k = pw.out_features, pw.in_features
-    w = torch.empty(n, k, dtype=dtype, device=pw.words.device) if out is None else out
-    if pw.tile % DEQUANT_BN:
-        raise ValueError(f"dequantize needs a column tile that is a multiple of {DEQUANT_BN}, got {pw.tile}")
-    a, b = rows if rows is not None else (0, n)
-    if a % DEQUANT_BN or not (0 <= a < b <= n) or (b % DEQUANT_BN and b != n):
-        raise ValueError(f"rows {a}:{b} of {n} must start and end at multiples of {DEQUANT_BN} (or the end)")
+    w = torch.empty(n, k, dtype=dtype, device=pw.words.device)
     plan = pw.plan
     bk = max(bk, plan.values_per_row)
     # per-channel weights dequantize through a one-group view: the scale applies per row anyway
     gr = pw.rows if pw.group_size is None else pw.group_rows
-    blocks = (min(b, pw.n_pad) - a + DEQUANT_BN - 1) // DEQUANT_BN
-    dequant_kernel[(blocks, pw.k_pad // bk)](
-        pw.words, pw.scale, pw.zero if pw.zero is not None else pw.scale, w, b, k, pw.rows, pw.scale.shape[1],
-        MAGIC_BITS, a // DEQUANT_BN, BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=False, GROUP_ROWS=gr, T=pw.tile,
-        BN=DEQUANT_BN, BK=bk, num_warps=4)
+    dequant_kernel[(pw.n_pad // 64, pw.k_pad // bk)](
+        pw.words, pw.scale, pw.zero if pw.zero is not None else pw.scale, w, n, k, pw.rows, pw.scale.shape[1],
+        MAGIC_BITS, BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=False, GROUP_ROWS=gr, T=pw.tile, BN=64, BK=bk,
+        num_warps=4)
     return w
 
 
-_SIDE: dict[int | None, torch.cuda.Stream] = {}
-
-
-def _chunk_bounds(n: int, chunks: int) -> list[int]:
-    step = -(-n // chunks)
-    step = -(-step // DEQUANT_BN) * DEQUANT_BN
-    return list(range(0, n, step)) + [n]
-
-
-def gemm_dequant(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-                 chunks: int = 1) -> torch.Tensor:
-    """Large M: dequantize once into a 16-bit scratch weight, then cuBLAS (compute-bound anyway).
-
-    ``chunks > 1`` (CUDA): the rows are dequantized chunk by chunk on a side stream while cuBLAS
-    multiplies the chunks already done, so the memory-bound unpack (216 µs of 1634 for
-    2048 x 8192 -> 28672 on the H100) hides under the compute-bound GEMM instead of preceding it.
-    Elsewhere the chunks run in order (same values: each output column is one chunk's product)."""
+def gemm_dequant(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large M: dequantize once into a 16-bit scratch weight, then cuBLAS (compute-bound anyway)."""
     x2, _, _, _ = _common(x, pw, bias, x.new_empty(0))
-    if chunks <= 1:
-        return torch.nn.functional.linear(x2, dequantize(pw, x.dtype), bias)
-    n = pw.out_features
-    bounds = _chunk_bounds(n, chunks)
-    w = torch.empty(n, pw.in_features, dtype=x.dtype, device=x.device)
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    spans = list(zip(bounds[:-1], bounds[1:]))
-    if x.device.type != "cuda":
-        for a, b in spans:
-            dequantize(pw, x.dtype, rows=(a, b), out=w)
-            torch.mm(x2, w[a:b].t(), out=out[:, a:b])
-    else:
-        main = torch.cuda.current_stream(x.device)
-        side = _SIDE.get(x.device.index)
-        if side is None:
-            side = _SIDE[x.device.index] = torch.cuda.Stream(x.device)
-        side.wait_stream(main)  # x, the packed weight and the scratch buffers are ready
-        done = []
-        with torch.cuda.stream(side):
-            for a, b in spans:
-                dequantize(pw, x.dtype, rows=(a, b), out=w)
-                ev = torch.cuda.Event()
-                ev.record(side)
-                done.append(ev)
-        for (a, b), ev in zip(spans, done):
-            main.wait_event(ev)
-            torch.mm(x2, w[a:b].t(), out=out[:, a:b])
-        main.wait_stream(side)  # join: graph capture needs every forked stream joined
-    if bias is not None:
-        out += bias
-    return out
+    return torch.nn.functional.linear(x2, dequantize(pw, x.dtype), bias)
 
 
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,9 +286,7 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, 
         c += [("gemm BM128 BN128 BK64 w8", gm(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm trans BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, trans=True)),
-              ("dequant + cuBLAS", lambda x, pw, b: gemm_dequant(x, pw, b)),
-              ("dequant + cuBLAS, 4 overlapped chunks", lambda x, pw, b: gemm_dequant(x, pw, b, chunks=4)),
-              ("dequant + cuBLAS, 8 overlapped chunks", lambda x, pw, b: gemm_dequant(x, pw, b, chunks=8))]
+              ("dequant + cuBLAS", lambda x, pw, b: gemm_dequant(x, pw, b))]
     return c
 
 

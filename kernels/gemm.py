@@ -131,12 +131,11 @@ def gemm_kernel(
 
 
 @triton.jit
-def dequant_kernel(words_ptr, scale_ptr, zero_ptr, w_ptr, N, K, rows_total, groups_pad, magic, n_block0,
+def dequant_kernel(words_ptr, scale_ptr, zero_ptr, w_ptr, N, K, rows_total, groups_pad, magic,
                    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
                    T: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Unpack a [BN, BK] block to 16-bit ``W[n, k] = (u - z) * s`` (for large M: then cuBLAS).
-    The grid covers BN-row blocks ``n_block0 ..``: one launch per chunk of rows."""
-    pid_n = tl.program_id(0) + n_block0
+    """Unpack a [BN, BK] block to 16-bit ``W[n, k] = (u - z) * s`` (for large M: then cuBLAS)."""
+    pid_n = tl.program_id(0)
     it = tl.program_id(1)
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     offs_n = pid_n * BN + tl.arange(0, BN)
