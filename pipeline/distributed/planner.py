@@ -89,7 +89,8 @@ def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], to
     """What one vlmq worker holds at its peak (the capture and search hold one decoder layer):
     capture = head + one layer + one sample's activations; gradient (MBQ) = the same + one sample's
     fp32 logits and their gradient (2048 tokens); search = one layer + the inputs of its
-    Linear groups for every calibration token (q/k/v, o, gate/up: hidden wide; down: intermediate)."""
+    Linear groups for every calibration token (q/k/v, o, gate/up: hidden wide; down: intermediate)
+    + the alpha grid's working copies of the gate/up weights."""
     text = config.get("text_config") or config
     hidden, inter = int(text["hidden_size"]), int(text.get("intermediate_size", 4 * int(text["hidden_size"])))
     layer = max(layer_bytes)
@@ -98,7 +99,10 @@ def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], to
     vocab = int(text.get("vocab_size") or config.get("vocab_size") or 0)
     capture = head + layer + 4 * 2048 * hidden * act_bytes
     gradient = head + layer + 2 * 2048 * vocab * 4  # MBQ: one sample's fp32 logits and their gradient
-    search = layer + group_inputs
+    # the alpha grid's working copies (scaled, quantized, difference; fp32) of the largest group's
+    # weights, gate/up: measured 5.2x (7B, H100) and 5.8x (72B, H200) its fp32 size on top of the rest
+    grid = 6 * 2 * inter * hidden * 4
+    search = layer + group_inputs + grid
     # A GPU hosts three workers at once (scheduler shares 0.34 / 0.32): two capture workers beside
     # a search worker while capture lasts, three search workers after; each keeps a CUDA context.
     per_gpu = max(2 * max(capture, gradient) + search, 3 * search) + 3 * CUDA_CONTEXT_BYTES
@@ -147,7 +151,7 @@ def format_plan(plan: ShardPlan) -> str:
                   f"  gradient pass (MBQ) ~ {w['gradient'] / GIB:.1f} GiB (head + one layer + one sample's fp32 "
                   f"logits and their gradient)",
                   f"  search worker peak  ~ {w['search'] / GIB:.1f} GiB (one layer + its group inputs for "
-                  f"{w['tokens']} calibration tokens)",
+                  f"{w['tokens']} calibration tokens + the alpha grid's weight copies)",
                   f"  per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (two capture workers beside a search worker, or "
                   f"three searches; CUDA contexts included)",
                   f"  -> {verdict} a {plan.gpu_bytes / GIB:.0f} GiB GPU; more GPUs divide the work, not the memory"]

@@ -49,10 +49,13 @@ def test_worker_peaks_by_hand():
     w = worker_peaks(cfg, [10, 12], {"embed": 7, "lm_head": 3}, tokens=100)
     assert w["capture"] == 10 + 12 + 4 * 2048 * 1000 * 2
     assert w["gradient"] == 10 + 12 + 2 * 2048 * 500 * 4  # fp32 logits + their gradient, one sample
-    assert w["search"] == 12 + 100 * (3 * 1000 + 3000) * 2
-    # three workers share a GPU: the larger of (2 x capture 16,384,022 (> gradient) + search 1,200,012)
-    # and 3 x search
-    assert w["per_gpu"] == 2 * 16_384_022 + 1_200_012 + 3 * CUDA_CONTEXT_BYTES
+    # + six fp32 copies of gate/up (2 x 3000 x 1000) for the alpha grid
+    assert w["search"] == 12 + 100 * (3 * 1000 + 3000) * 2 + 6 * 2 * 3000 * 1000 * 4
+    # three workers share a GPU: the larger of (2 x capture 16,384,022 (> gradient) + search 145,200,012)
+    # and 3 x search 435,600,036
+    assert w["per_gpu"] == 435_600_036 + 3 * CUDA_CONTEXT_BYTES
+    big_head = worker_peaks(cfg, [10, 12], {"embed": 400_000_000, "lm_head": 3}, tokens=100)  # capture decides
+    assert big_head["per_gpu"] == 2 * (400_000_003 + 12 + 16_384_000) + 145_200_012 + 3 * CUDA_CONTEXT_BYTES
 
 
 def test_memory_preflight_refuses_only_what_cannot_fit():
