@@ -3,7 +3,7 @@
 # issue 6 end to end -- wall time per stage, peak GPU memory per worker, peak store bytes.
 # Usage (device tool, carry [".whl"]): [RESUME=1] bash benchmarks/pipeline/run_72b.sh [num_samples]
 # RESUME=1 continues a job a previous call on the same (still warm) machine ran out of time on.
-# Expect ~10 min on 4 GPUs at 128 samples (7B measurements scaled by layer size); use 64 on x2.
+# Measured on x2 (2026-11-23): 5.6 min at 64 samples, 7.3 min at 128 (BENCHMARKS.md).
 set -u
 N=${1:-128}
 source "$(dirname "$0")/device_env.sh"
