@@ -35,6 +35,7 @@ class Prepared:
     storage_dtype: str
     device: str
     memory_note: str | None = None  # the GPU memory plan, for the job log
+    workers_per_gpu: int = 3  # the scheduler's GPU layout: 3 where the memory plan fits, else 2
 
 
 @dataclass
@@ -89,26 +90,28 @@ def check_job(spec: JobSpec) -> Prepared:
     device = _pick_device(spec.resources.device)
     compute, storage = _dtypes(config, spec.resources.dtype, device)
     n_layers = _num_layers(config, adapter)
-    note = _memory_preflight(spec, config, compute, device)
-    return Prepared(model_ref, adapter.family, config, n_layers, compute, storage, device, note)
+    note, workers = _memory_preflight(spec, config, compute, device)
+    return Prepared(model_ref, adapter.family, config, n_layers, compute, storage, device, note, workers)
 
 
-def _memory_preflight(spec: JobSpec, config: dict[str, Any], compute_dtype: str, device: str) -> str | None:
-    """On a GPU: refuse a model whose single worker cannot fit, before Ray and capture start."""
+def _memory_preflight(spec: JobSpec, config: dict[str, Any], compute_dtype: str,
+                      device: str) -> tuple[str | None, int]:
+    """On a GPU: refuse a model whose single worker cannot fit, before Ray and capture start, and
+    pick how many workers share a GPU. Returns (the memory-plan line, workers per GPU)."""
     import torch
 
     if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
+        return None, 3
     from ..models import detect_adapter
     from .planner import memory_preflight
 
     tokens = spec.calib.num_samples * 700  # the planner's default sample length (calibration is not built yet)
-    line, fatal = memory_preflight(config, detect_adapter(config), getattr(torch, compute_dtype), tokens,
-                                   torch.cuda.get_device_properties(0).total_memory)
+    line, fatal, workers = memory_preflight(config, detect_adapter(config), getattr(torch, compute_dtype), tokens,
+                                            torch.cuda.get_device_properties(0).total_memory)
     if fatal:
         raise VlmqError(line, "use a GPU with more memory (the capture worker holds the embeddings, the "
                               "vision tower, the LM head and one decoder layer); `vlmq plan` shows the estimate")
-    return line
+    return line, workers
 
 
 def _num_layers(config: dict[str, Any], adapter: Any) -> int:
@@ -149,14 +152,16 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
     with _stage(stages, "ray start"):
         ray_ctx = init_ray(spec.resources)
     try:
-        from .scheduler import capture_groups
+        from .scheduler import GPU_LAYOUTS, capture_groups
 
+        layout = GPU_LAYOUTS[prep.workers_per_gpu]
+        groups = stable_groups(work, resuming, capture_groups(ray_ctx, data_report["calibration_rows"], layout))
         ctx = JobContext(
             model=prep.model_ref, family=prep.family, recipe=spec.recipe, work_dir=str(work),
             store_root=spec.resources.store or str(work / "acts"), compute_dtype=prep.compute_dtype,
             storage_dtype=prep.storage_dtype, allow_pickle=spec.allow_pickle,
             store_max_bytes=int(spec.resources.store_max_gb * 2**30) if spec.resources.store_max_gb else None,
-            options={"fault": fault_from_env(), "groups": capture_groups(ray_ctx, data_report["calibration_rows"]),
+            options={"fault": fault_from_env(), "groups": groups, "workers_per_gpu": prep.workers_per_gpu,
                      "warm_workers": os.environ.get("VLMQ_WARM_WORKERS", "1") != "0"},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
@@ -206,6 +211,22 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
 
         ActivationStore(ctx.store_root).destroy()
     return result
+
+
+GROUPS_FILE = "capture_groups.json"
+
+
+def stable_groups(work: Path, resuming: bool, want: int) -> int:
+    """The number of capture sample groups, fixed for the life of a work directory: a resumed job
+    keeps the grouping its activation streams were written with (another GPU count or layout would
+    split the rows differently, and a group's complete streams would then hold other samples)."""
+    f = work / GROUPS_FILE
+    if resuming and f.is_file():
+        return int(json.loads(f.read_text())["groups"])
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"groups": int(want)}))
+    tmp.replace(f)
+    return int(want)
 
 
 def calib_mode(spec: JobSpec) -> str:

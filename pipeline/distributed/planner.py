@@ -103,11 +103,14 @@ def worker_peaks(config: dict, layer_bytes: list[int], other: dict[str, int], to
     # weights, gate/up: measured 5.2x (7B, H100) and 5.8x (72B, H200) its fp32 size on top of the rest
     grid = 6 * 2 * inter * hidden * 4
     search = layer + group_inputs + grid
-    # A GPU hosts three workers at once (scheduler shares 0.34 / 0.32): two capture workers beside
-    # a search worker while capture lasts, three search workers after; each keeps a CUDA context.
-    per_gpu = max(2 * max(capture, gradient) + search, 3 * search) + 3 * CUDA_CONTEXT_BYTES
+    # A GPU hosts three workers at once (scheduler.GPU_LAYOUTS[3]): two capture workers beside a
+    # search worker while capture lasts, three search workers after; each keeps a CUDA context.
+    # Where that does not fit, two (one capture worker beside a search, or two searches).
+    fixed = max(capture, gradient)
+    per_gpu = max(2 * fixed + search, 3 * search) + 3 * CUDA_CONTEXT_BYTES
+    per_gpu_two = max(fixed + search, 2 * search) + 2 * CUDA_CONTEXT_BYTES
     return {"head": head, "layer": layer, "capture": capture, "gradient": gradient, "search": search,
-            "per_gpu": per_gpu, "tokens": tokens}
+            "per_gpu": per_gpu, "per_gpu_two": per_gpu_two, "tokens": tokens}
 
 
 def plan_from_model(model: str, n_gpus: int, gpu_mem_gib: float, dtype: str = "bfloat16",
@@ -144,7 +147,11 @@ def format_plan(plan: ShardPlan) -> str:
     lines = [f"{len(plan.layer_bytes)} decoder layers, {plan.layer_bytes[0] / GIB:.2f} GiB each (first); "
              f"other parts: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan.extras.items() if v)]
     if w:
-        verdict = "fits" if w["per_gpu"] <= plan.gpu_bytes * 0.9 else "does NOT fit"
+        workers = workers_per_gpu(w, plan.gpu_bytes)
+        gib = f"a {plan.gpu_bytes / GIB:.0f} GiB GPU"
+        verdict = (f"fits {gib} with three workers" if workers == 3 else
+                   f"fits {gib} with two workers (three do not)" if w["per_gpu_two"] <= plan.gpu_bytes * FIT else
+                   f"does NOT fit {gib}")
         lines += ["", "vlmq quantize (one decoder layer resident per worker, any number of GPUs):",
                   f"  capture worker peak ~ {w['capture'] / GIB:.1f} GiB (head {w['head'] / GIB:.1f} + one layer "
                   f"{w['layer'] / GIB:.2f} + one sample's activations)",
@@ -153,8 +160,10 @@ def format_plan(plan: ShardPlan) -> str:
                   f"  search worker peak  ~ {w['search'] / GIB:.1f} GiB (one layer + its group inputs for "
                   f"{w['tokens']} calibration tokens + the alpha grid's weight copies)",
                   f"  per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (two capture workers beside a search worker, or "
-                  f"three searches; CUDA contexts included)",
-                  f"  -> {verdict} a {plan.gpu_bytes / GIB:.0f} GiB GPU; more GPUs divide the work, not the memory"]
+                  f"three searches; CUDA contexts included); ~ {w['per_gpu_two'] / GIB:.1f} GiB with two workers",
+                  f"  -> {verdict}; more GPUs divide the work, not the memory"
+                  + ("" if verdict.startswith("fits") else
+                     " (fewer calibration samples or tokens lower the search peak: --samples, --tokens-per-sample)")]
     lines += ["", f"layer-range shards over {len(plan.ranges)} GPU(s) (how the weights split for serving"
               + ("" if plan.fits else "; they do NOT fit at this size") + "):",
               f"{'shard':>5}  {'layers':>9}  {'weights GiB':>11}  {'peak GiB':>8}  (of {plan.gpu_bytes / GIB:.0f} GiB)"]
@@ -163,20 +172,34 @@ def format_plan(plan: ShardPlan) -> str:
     return "\n".join(lines)
 
 
-def memory_preflight(config: dict, adapter: object, dtype: object, tokens: int, gpu_bytes: int) -> tuple[str, bool]:
+FIT = 0.9  # of a GPU's memory: what the per-GPU estimate may take (allocator slack, fragmentation)
+
+
+def workers_per_gpu(w: dict[str, int], gpu_bytes: int) -> int:
+    """3 where three workers' estimate fits the GPU, else 2 (the scheduler's GPU_LAYOUTS keys)."""
+    return 3 if w["per_gpu"] <= FIT * gpu_bytes else 2
+
+
+def memory_preflight(config: dict, adapter: object, dtype: object, tokens: int,
+                     gpu_bytes: int) -> tuple[str, bool, int]:
     """Before Ray starts: the per-worker and per-GPU peaks against this GPU's memory. Returns
-    (a line for the job log, fatal). Fatal only when the capture worker alone cannot fit (head +
-    one layer: certain to fail whatever the data); the search's and the per-GPU peaks grow with
-    the calibration tokens, which are only estimated here, so going over them is a warning."""
+    (a line for the job log, fatal, workers per GPU). Three workers share a GPU where their
+    estimate fits, else two. Fatal only when the capture worker alone cannot fit (head + one
+    layer: certain to fail whatever the data); the search's and the per-GPU peaks grow with the
+    calibration tokens, which are only estimated here, so going over them is a warning."""
     from ..models.loading import estimate_memory
 
     est = estimate_memory(config, adapter, dtype)
     w = worker_peaks(config, est.layer_bytes, est.other_bytes, tokens)
     fixed = max(w["capture"], w["gradient"]) + CUDA_CONTEXT_BYTES
+    workers = workers_per_gpu(w, gpu_bytes)
+    per_gpu = w["per_gpu"] if workers == 3 else w["per_gpu_two"]
     line = (f"memory plan: capture worker {fixed / GIB:.1f} GiB, search worker ~ {w['search'] / GIB:.1f} GiB, "
-            f"per GPU ~ {w['per_gpu'] / GIB:.1f} GiB (three workers; ~{tokens} tokens), GPU {gpu_bytes / GIB:.0f} GiB")
+            f"per GPU ~ {per_gpu / GIB:.1f} GiB ({workers} workers; ~{tokens} tokens), GPU {gpu_bytes / GIB:.0f} GiB")
+    if workers == 2:
+        line += f" (three workers would need ~{w['per_gpu'] / GIB:.1f} GiB)"
     if fixed > gpu_bytes:
-        return line + ": one worker does not fit", True
-    if w["per_gpu"] > 0.95 * gpu_bytes:
-        return line + ": tight, three workers per GPU may run out of memory (fewer --num-samples lowers it)", False
-    return line, False
+        return line + ": one worker does not fit", True, workers
+    if per_gpu > 0.95 * gpu_bytes:
+        return line + ": tight, two workers per GPU may run out of memory (fewer --num-samples lowers it)", False, 2
+    return line, False, workers

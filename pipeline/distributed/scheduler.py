@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..data.store import ActivationStore
@@ -28,18 +29,29 @@ from .wavefront import group_root, needs_last_stream, wavefront_step
 MAX_RETRIES = 3
 
 
-CAPTURE_GROUPS_PER_GPU = 2  # capture is host-bound (store I/O, launches): two groups keep a GPU busier
-CAPTURE_SHARE = 0.34  # of a GPU: two capture groups fit on one GPU, a third does not, so Ray spreads them
-SEARCH_SHARE = 0.32  # one search beside a GPU's two capture groups, three per GPU once capture is over
+@dataclass(frozen=True)
+class GpuLayout:
+    """How work shares a GPU: ``capture_groups`` capture workers plus one search while capture
+    lasts, ``floor(1 / search_share)`` searches after. Shares are fractions of a GPU for Ray."""
+
+    capture_groups: int
+    capture_share: float
+    search_share: float
 
 
-def placement(ray_ctx: RayContext, share: float = SEARCH_SHARE) -> dict[str, Any]:
-    """Two capture groups and one search share a GPU while capture lasts, three searches after;
-    on CPUs one core each.
+# Three workers per GPU where they fit (capture is host-bound: a second group overlaps its store I/O
+# with the first's); two (one capture group) on GPUs too small for three (job check decides).
+# Each capture share is over 1 / (groups + 1), so Ray cannot pack an extra group onto a GPU.
+GPU_LAYOUTS = {3: GpuLayout(capture_groups=2, capture_share=0.34, search_share=0.32),
+               2: GpuLayout(capture_groups=1, capture_share=0.51, search_share=0.49)}
 
-    The capture share is over a third: Ray packs fractional requests onto the first GPU with room,
-    so with shares that let three capture groups fit (or two, at 0.5 / 0.5 with one group per GPU)
-    a 2-GPU job's capture piled onto GPU 0 (and its gradient passes too) while GPU 1 waited.
+
+def placement(ray_ctx: RayContext, share: float) -> dict[str, Any]:
+    """A fraction ``share`` of a GPU (a ``GpuLayout``'s), or one core on CPUs.
+
+    Ray packs fractional requests onto the first GPU with room, so with shares that let one group
+    too many fit (0.5 / 0.5 with one group per GPU) a 2-GPU job's capture piled onto GPU 0 (and
+    its gradient passes too) while GPU 1 waited: hence shares just over 1 / (groups + 1).
 
     ``max_calls=0`` keeps GPU workers alive between tasks: Ray's default for GPU tasks is one task
     per process, which made every capture step and search pay a fresh interpreter, imports, CUDA
@@ -48,12 +60,12 @@ def placement(ray_ctx: RayContext, share: float = SEARCH_SHARE) -> dict[str, Any
     return {"num_gpus": share, "max_calls": 0} if ray_ctx.num_gpus else {"num_cpus": 1}
 
 
-def capture_groups(ray_ctx: RayContext, n_rows: int) -> int:
-    """Sample groups walking the decoder side by side: ``CAPTURE_GROUPS_PER_GPU`` per GPU, one on CPUs.
+def capture_groups(ray_ctx: RayContext, n_rows: int, layout: GpuLayout = GPU_LAYOUTS[3]) -> int:
+    """Sample groups walking the decoder side by side: the layout's groups per GPU, one on CPUs.
     A capture step is mostly host work (reading and writing the store, launching small kernels:
     ~0.1 s of a 7B layer's ~0.9 s was the forward on the H100), so a second group on a GPU
     overlaps its host work with the first's instead of leaving the GPU idle."""
-    groups = ray_ctx.num_gpus * CAPTURE_GROUPS_PER_GPU if ray_ctx.num_gpus else 1
+    groups = ray_ctx.num_gpus * layout.capture_groups if ray_ctx.num_gpus else 1
     return max(1, min(groups, n_rows))  # never an empty group: readers iterate over every group's store
 
 
@@ -118,6 +130,7 @@ class CaptureAndSearch:
                  view: JobView, done_blocks: set[int], search_fn: Callable):
         self.ctx, self.ray_ctx, self.view = ctx, ray_ctx, view
         self.table_path, self.n_layers = table_path, n_layers
+        self.layout = GPU_LAYOUTS[ctx.options.get("workers_per_gpu", 3)]
         self.groups = split_rows(n_rows, ctx.options.get("groups", 1))
         self.done_blocks = set(done_blocks)
         self.search_fn = search_fn
@@ -167,7 +180,8 @@ class CaptureAndSearch:
         ctx, n_layers = self.ctx, self.n_layers
         calls: dict[Any, tuple[int, int]] = {}  # ref -> (group, layer); layer -1 = embed
         n_groups = len(self.groups) if capture else 0
-        step = ray.remote(max_retries=MAX_RETRIES, **placement(self.ray_ctx, CAPTURE_SHARE))(wavefront_step)
+        capture_slot = placement(self.ray_ctx, self.layout.capture_share)
+        step = ray.remote(max_retries=MAX_RETRIES, **capture_slot)(wavefront_step)
         last_ref: dict[int, Any] = {}
         for g, rows in enumerate(self.groups[:n_groups]):
             prev = step.remote(ctx, g, n_groups, self.table_path, rows, "embed")
@@ -181,7 +195,7 @@ class CaptureAndSearch:
         n_calls, resumed = len(calls), len(self.done_blocks)
         at = [-1] * n_groups  # the layer each group has passed: the live view's per-group position
         search_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False,
-                                 **placement(self.ray_ctx))(self.search_fn)
+                                 **placement(self.ray_ctx, self.layout.search_share))(self.search_fn)
         st = {"blocks": early_blocks, "sensitivity": None, "phase_done": False}
         running: dict[Any, int] = {}
         submitted: set[int] = set()
@@ -291,10 +305,10 @@ class CaptureAndSearch:
         if not n_groups or not searches_wait or self.ctx.options.get("warm_workers") is False:
             return []
         if self.ray_ctx.num_gpus:
-            free = self.ray_ctx.num_gpus  # one SEARCH_SHARE beside each GPU's capture groups
+            free = self.ray_ctx.num_gpus  # one search share beside each GPU's capture groups
         else:
             free = max(0, min(self.ray_ctx.num_cpus - n_groups, self.n_layers))
-        task = ray.remote(max_retries=0, **placement(self.ray_ctx))(warm_worker)
+        task = ray.remote(max_retries=0, **placement(self.ray_ctx, self.layout.search_share))(warm_worker)
         return [task.remote(self.ctx) for _ in range(free)]
 
     def capture_stats_has_backward(self) -> bool:

@@ -54,7 +54,8 @@ def probe(k):
             "view": context._cuda_view, "env_after": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "index": context.cuda_index(ids[0], context._cuda_view)}
 
-from pipeline.distributed.scheduler import CAPTURE_SHARE, SEARCH_SHARE
+from pipeline.distributed.scheduler import GPU_LAYOUTS
+CAPTURE_SHARE, SEARCH_SHARE = GPU_LAYOUTS[3].capture_share, GPU_LAYOUTS[3].search_share
 
 @ray.remote
 def slot(share):

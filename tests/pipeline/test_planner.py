@@ -54,6 +54,8 @@ def test_worker_peaks_by_hand():
     # three workers share a GPU: the larger of (2 x capture 16,384,022 (> gradient) + search 145,200,012)
     # and 3 x search 435,600,036
     assert w["per_gpu"] == 435_600_036 + 3 * CUDA_CONTEXT_BYTES
+    # two workers: max(capture + search 161,584,034, 2 x search 290,400,024)
+    assert w["per_gpu_two"] == 290_400_024 + 2 * CUDA_CONTEXT_BYTES
     big_head = worker_peaks(cfg, [10, 12], {"embed": 400_000_000, "lm_head": 3}, tokens=100)  # capture decides
     assert big_head["per_gpu"] == 2 * (400_000_003 + 12 + 16_384_000) + 145_200_012 + 3 * CUDA_CONTEXT_BYTES
 
@@ -71,12 +73,17 @@ def test_memory_preflight_refuses_only_what_cannot_fit():
     est = estimate_memory(cfg, adapter, torch.bfloat16)
     w = worker_peaks(cfg, est.layer_bytes, est.other_bytes, 1000)
     fixed = max(w["capture"], w["gradient"]) + CUDA_CONTEXT_BYTES
-    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, fixed - 1)
+    line, fatal, _ = memory_preflight(cfg, adapter, torch.bfloat16, 1000, fixed - 1)
     assert fatal and "one worker does not fit" in line
-    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, fixed)  # fits alone, not two per GPU
-    assert not fatal and "tight" in line
-    line, fatal = memory_preflight(cfg, adapter, torch.bfloat16, 1000, 80 * GIB)
-    assert not fatal and "tight" not in line and "GPU 80 GiB" in line
+    line, fatal, workers = memory_preflight(cfg, adapter, torch.bfloat16, 1000, fixed)  # fits alone only
+    assert not fatal and "tight" in line and workers == 2
+    line, fatal, workers = memory_preflight(cfg, adapter, torch.bfloat16, 1000, 80 * GIB)
+    assert not fatal and "tight" not in line and "GPU 80 GiB" in line and workers == 3
+    # between: two workers fit (with the 0.9 margin), three do not -> the two-worker layout, no warning
+    gpu = int((w["per_gpu_two"] + w["per_gpu"]) / 2 / 0.9)
+    assert w["per_gpu_two"] <= 0.9 * gpu < w["per_gpu"]
+    line, fatal, workers = memory_preflight(cfg, adapter, torch.bfloat16, 1000, gpu)
+    assert not fatal and workers == 2 and "tight" not in line and "three workers would need" in line
 
 
 def test_job_check_refuses_a_model_one_worker_cannot_hold(tmp_path, monkeypatch):
@@ -100,3 +107,15 @@ def test_job_check_refuses_a_model_one_worker_cannot_hold(tmp_path, monkeypatch)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * GIB))
     assert "per GPU" in check_job(spec).memory_note
+
+
+def test_plan_says_how_many_workers_share_a_gpu():
+    """`vlmq plan` for the 72B shape: three workers on 80 GiB, two on 48 GiB (real-length samples),
+    none on 40 GiB at the default 700-token estimate, with what would lower the peak."""
+    from pipeline.distributed.planner import format_plan, plan_from_model
+
+    text = {g: format_plan(plan_from_model("synthetic:qwen2-vl-72b", 1, g, tokens=t))
+            for g, t in ((80, 128 * 700), (48, 128 * 380), (40, 128 * 700))}
+    assert "fits a 80 GiB GPU with three workers" in text[80]
+    assert "fits a 48 GiB GPU with two workers (three do not)" in text[48]
+    assert "does NOT fit a 40 GiB GPU" in text[40] and "--samples" in text[40]
