@@ -4,7 +4,7 @@
 set -u
 source "$(dirname "$0")/device_env.sh"
 [ -z "${SKIP_TESTS:-}" ] && timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/pipeline/test_synthetic.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
-if [ -n "${DIAG:-}" ]; then timeout ${DIAG_TIMEOUT:-150} python3 benchmarks/pipeline/diag_capture.py $DIAG > "$OUT/diag.log" 2>&1; grep -v Warn "$OUT/diag.log" | tail -40; fi
+if [ -n "${DIAG:-}" ]; then timeout ${DIAG_TIMEOUT:-150} python3 -m benchmarks.pipeline.diag_stages $DIAG > "$OUT/diag.log" 2>&1; grep -v Warn "$OUT/diag.log" | tail -40; fi
 echo "setup done after $(( $(date +%s) - t0 ))s"
 /usr/bin/time -v timeout ${Q_TIMEOUT:-330} python3 -m pipeline.cli quantize --model synthetic:qwen2-vl-7b --calib builtin \
   --num-samples 128 --holdout 4 --method mbq --wbits 3 --group-size 128 --out /tmp/q7b-mbq-w3 --keep-work \
