@@ -108,7 +108,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
-            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, STAGES=cfg.stages, num_warps=cfg.num_warps,
+            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
         )
         return out
@@ -150,7 +150,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel,
         GROUP_ROWS=rb if per_channel else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk,
         GROUP_M=cfg.GROUP_M, HAS_BIAS=bias is not None, SPLIT=split > 1, TRANS=cfg.trans,
-        DOT_F32=interpreting() and x.dtype == torch.bfloat16, PIPE=cfg.pipe,
+        DOT_F32=interpreting() and x.dtype == torch.bfloat16,
         EVICT=cfg.evict and not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -260,12 +260,11 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, 
 
     if m <= 4 and fp16_pairs:  # gemv_h2.py; run 4 sweep (8192->28672): BN64 best for W4 and W3
         rs = (4, 2) if bits == 3 else (16, 8)
-        # st: cp.async ring depth (0: one iteration prefetched in registers); depth 2 lost in run 5
-        c += [(f"h2 BN{bn} R{r} w4 x{wv}{f' s{st}' if st else ''}",
-               gv(BN=bn, R=r, num_warps=4, waves=wv, h2=True, stages=st))
-              for bn, r, wv, st in ((64, rs[0], 8, 0), (64, rs[0], 16, 0), (64, rs[0], 4, 0), (128, rs[1], 16, 0),
-                                    (64, rs[0], 8, 3), (64, rs[0], 8, 4), (128, rs[0], 8, 3), (64, rs[1], 8, 4),
-                                    (128, rs[0], 4, 0))]
+        # depth 2 (two iterations in registers) lost in run 5, a cp.async ring in run 7 (NOTES.md);
+        # run 7: six programs per SM win the decode shapes (3584->37888: 28.7 vs 34.8 µs at eight)
+        c += [(f"h2 BN{bn} R{r} w4 x{wv}", gv(BN=bn, R=r, num_warps=4, waves=wv, h2=True))
+              for bn, r, wv in ((64, rs[0], 8), (64, rs[0], 6), (64, rs[0], 16), (64, rs[0], 4), (128, rs[1], 16),
+                                (128, rs[0], 4), (128, rs[0], 6), (128, rs[0], 8))]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway
@@ -283,17 +282,11 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, 
         bk = 64 if bits == 3 else 128
         c += [(f"tc BM{bm} BN64 BK{bk} x4", gm(BM=bm, BN=64, BK=bk, trans=True, evict=True, waves=4)),
               (f"tc BM{bm} BN128 BK{bk} x4", gm(BM=bm, BN=128, BK=bk, trans=True, evict=True, waves=4)),
-              (f"tc BM{bm} BN64 BK64 x8", gm(BM=bm, BN=64, BK=64, trans=True, evict=True, waves=8)),
-              (f"tc BM{bm} BN64 BK{bk} x4 p3", gm(BM=bm, BN=64, BK=bk, trans=True, evict=True, waves=4, pipe=3)),
-              (f"tc BM{bm} BN64 BK{bk} x4 p4", gm(BM=bm, BN=64, BK=bk, trans=True, evict=True, waves=4, pipe=4)),
-              (f"tc BM{bm} BN128 BK{bk} x4 p3", gm(BM=bm, BN=128, BK=bk, trans=True, evict=True, waves=4, pipe=3))]
+              (f"tc BM{bm} BN64 BK64 x8", gm(BM=bm, BN=64, BK=64, trans=True, evict=True, waves=8))]
     if m > 64:
         c += [("gemm BM128 BN128 BK64 w8", gm(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm trans BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, trans=True)),
-              ("gemm BM256 BN128 BK64 w8 p3", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, pipe=3)),
-              ("gemm trans BM256 BN128 BK64 w8 p3", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, trans=True,
-                                                       pipe=3)),
               ("dequant + cuBLAS", lambda x, pw, b: gemm_dequant(x, pw, b))]
     return c
 

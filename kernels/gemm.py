@@ -68,7 +68,7 @@ def gemm_kernel(
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, TRANS: tl.constexpr,
-    DOT_F32: tl.constexpr = False, PIPE: tl.constexpr = 0,
+    DOT_F32: tl.constexpr = False,
 ):
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     V: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -106,37 +106,22 @@ def gemm_kernel(
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if PIPE >= 2:
-        # Triton (3.6) also pipelines loads that feed no tl.dot once the loop names num_stages: the
-        # packed words, scales and zeros stream into a shared-memory ring by cp.async
-        for it in tl.range(it0, it1, num_stages=PIPE):
-            w0, w1, w2, s, z = tile_loads(words_ptr, scale_ptr, zero_ptr, it, col, sz_col, BITS, SYM, PER_CHANNEL,
-                                          GROUP_ROWS, T, BK, EVICT)
-            kk = it * BK + offs_k
-            xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                         mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0).to(DTYPE)
-            wt = tile_dequant(w0, w1, w2, s, z, zc, magic, BITS, SYM, PER_CHANNEL, BK, BN, DTYPE, TRANS)
-            if TRANS:
-                acc = tl.dot(wt, tl.trans(xa), acc)
-            else:
-                acc = tl.dot(xa, wt, acc)
-    else:
-        # register double-buffering of the packed tile (a plain loop pipelines only loads that feed
-        # tl.dot directly, and these go through the dequantization first)
-        w0n, w1n, w2n, sn, zn = tile_loads(words_ptr, scale_ptr, zero_ptr, it0, col, sz_col, BITS, SYM, PER_CHANNEL,
-                                           GROUP_ROWS, T, BK, EVICT)
-        for it in range(it0, it1):
-            w0, w1, w2, s, z = w0n, w1n, w2n, sn, zn
-            w0n, w1n, w2n, sn, zn = tile_loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it + 1, it1 - 1), col,
-                                               sz_col, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BK, EVICT)
-            kk = it * BK + offs_k
-            xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                         mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0).to(DTYPE)
-            wt = tile_dequant(w0, w1, w2, s, z, zc, magic, BITS, SYM, PER_CHANNEL, BK, BN, DTYPE, TRANS)
-            if TRANS:  # weights on the M side of the MMA: small M fills the N side
-                acc = tl.dot(wt, tl.trans(xa), acc)
-            else:
-                acc = tl.dot(xa, wt, acc)
+    # register double-buffering of the packed tile: Triton pipelines only loads that feed tl.dot
+    # directly, and these go through the dequantization first
+    w0n, w1n, w2n, sn, zn = tile_loads(words_ptr, scale_ptr, zero_ptr, it0, col, sz_col, BITS, SYM, PER_CHANNEL,
+                                       GROUP_ROWS, T, BK, EVICT)
+    for it in range(it0, it1):
+        w0, w1, w2, s, z = w0n, w1n, w2n, sn, zn
+        w0n, w1n, w2n, sn, zn = tile_loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it + 1, it1 - 1), col, sz_col,
+                                           BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BK, EVICT)
+        kk = it * BK + offs_k
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                     mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0).to(DTYPE)
+        wt = tile_dequant(w0, w1, w2, s, z, zc, magic, BITS, SYM, PER_CHANNEL, BK, BN, DTYPE, TRANS)
+        if TRANS:  # weights on the M side of the MMA: small M fills the N side
+            acc = tl.dot(wt, tl.trans(xa), acc)
+        else:
+            acc = tl.dot(xa, wt, acc)
     if TRANS:
         acc = tl.trans(acc)
     if PER_CHANNEL:

@@ -332,7 +332,7 @@ def gemv_h2_kernel(
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-    DEPTH: tl.constexpr, STAGES: tl.constexpr = 0,
+    DEPTH: tl.constexpr,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -371,51 +371,35 @@ def gemv_h2_kernel(
         if not SYM:
             zsrc = tl.load(zero_ptr + szbase)
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
-    y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
-    if STAGES >= 2:
-        # Triton (3.6) pipelines loads that feed no tl.dot when the loop says num_stages: the words,
-        # x, scales and zeros of the next STAGES-1 iterations stream into shared memory by cp.async
-        # while this one is computed, with no registers held for them (DEPTH's way needs registers)
-        for it in tl.range(it0, it1, num_stages=STAGES):
-            w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = _stage(
-                it, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, False)
-            if not PER_CHANNEL:
-                zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
-            r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)
-            if PER_CHANNEL:
-                y3 += r
-            else:
-                y3 += r * s.to(tl.float32)
-    else:
-        a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
-            it0, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+    a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
+        it0, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+        BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+    if DEPTH == 2:
+        b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
+            tl.minimum(it0 + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
             BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+    y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
+    for it in range(it0, it1):
+        w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
+                                                            a_s, a_z)
+        # the last iterations re-read their own tile: harmless
         if DEPTH == 2:
+            a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = (b0, b1, b2, bq0, bq1, bq2, bq3, bq4,
+                                                                            bq5, bq6, bq7, b_s, b_z)
             b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
-                tl.minimum(it0 + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+                tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
-        for it in range(it0, it1):
-            w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
-                                                                a_s, a_z)
-            # the last iterations re-read their own tile: harmless
-            if DEPTH == 2:
-                a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = (b0, b1, b2, bq0, bq1, bq2, bq3, bq4,
-                                                                                bq5, bq6, bq7, b_s, b_z)
-                b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
-                    tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                    BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
-            else:
-                a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
-                    tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                    BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
-            if not PER_CHANNEL:
-                zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
-            r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
-            if PER_CHANNEL:
-                y3 += r
-            else:
-                y3 += r * s.to(tl.float32)
+        else:
+            a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
+                tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+        if not PER_CHANNEL:
+            zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
+        r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
+        if PER_CHANNEL:
+            y3 += r
+        else:
+            y3 += r * s.to(tl.float32)
     y = tl.sum(y3, axis=1)  # [BM, BN]
     if PER_CHANNEL:
         y = y * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]

@@ -28,7 +28,6 @@ class GemvConfig:
     h2: bool | None = None  # fp16-pair kernel (gemv_h2.py); None: wherever it applies (W4/W3, fp16 x)
     asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
     depth: int = 1  # h2: iterations loaded ahead (1 or 2; 2 doubles the bytes in flight and the registers)
-    stages: int = 0  # h2: >= 2 streams loads through a cp.async shared-memory ring this deep (depth unused)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""
@@ -50,7 +49,6 @@ class GemmConfig:
     evict: bool = False
     waves: float = 2.0
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
-    pipe: int = 0  # >= 2: the packed words stream through a cp.async ring this deep (else register prefetch)
 
 
 def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:

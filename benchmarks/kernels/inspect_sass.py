@@ -120,7 +120,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("kernel", choices=["gemv", "gemv_h2", "gemm"])
     ap.add_argument("--depth", type=int, default=1, help="gemv_h2: iterations loaded ahead")
-    ap.add_argument("--pipe", type=int, default=0, help="gemv_h2: cp.async ring depth (STAGES)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--group", type=int, default=128)
@@ -147,7 +146,7 @@ def main() -> None:
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 not in ("magic", "K")}, "n_iters": "i32", "K4": "i32",
                "x_ptr": "*i64"}
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r,
-                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, STAGES=a.pipe)
+                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth)
         k = compile_kernel(gemv_h2_kernel, sig, c, a.warps)
         vals = a.r * a.bn * v
     elif a.kernel == "gemv":
@@ -158,7 +157,7 @@ def main() -> None:
         vals = a.r * a.bn * v  # one iteration = R decode rows
     else:
         from kernels.gemm import gemm_kernel
-        c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.bk // v, BM=a.bm, BN=a.bn, BK=a.bk, GROUP_M=8, TRANS=a.trans, PIPE=a.pipe)
+        c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.bk // v, BM=a.bm, BN=a.bn, BK=a.bk, GROUP_M=8, TRANS=a.trans)
         k = compile_kernel(gemm_kernel, sig, c, a.warps, a.stages)
         vals = a.bk * a.bn
     print(resource_usage(k))

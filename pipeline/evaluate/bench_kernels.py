@@ -81,32 +81,27 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                                              "waves": waves, "h2": False}))
         if bits in (3, 4) and k % 4 == 0:  # the fp16-pair kernel (gemv_h2.py)
             rh = [4, 2] if bits == 3 else [16, 8]
-            # st: cp.async ring depth (0: the register prefetch of one iteration)
-            for bn, r, w, waves, st in [(64, rh[0], 4, 8, 0), (64, rh[0], 4, 6, 0), (128, rh[1], 4, 16, 0),
-                                        (64, rh[0], 4, 8, 3), (64, rh[0], 4, 8, 4), (64, rh[0], 4, 8, 6),
-                                        (64, rh[0], 4, 4, 4), (64, rh[0], 4, 16, 4), (64, rh[1], 4, 8, 4),
-                                        (128, rh[0], 4, 8, 3), (128, rh[0], 4, 8, 4), (128, rh[0], 8, 8, 4),
-                                        (64, rh[0], 2, 8, 4), (32, rh[0], 2, 8, 4)]:
-                out.append((f"h2 BN{bn} R{r} w{w} x{waves}{f' s{st}' if st else ''}",
+            for bn, r, w, waves, d in [(64, rh[0], 4, 8, 1), (64, rh[0], 4, 6, 1), (64, rh[0], 4, 12, 1),
+                                       (64, rh[0], 4, 4, 1), (64, rh[1], 4, 8, 1), (64, rh[0], 4, 8, 2),
+                                       (128, rh[0], 4, 4, 1), (128, rh[0], 4, 6, 1), (128, rh[0], 4, 8, 1),
+                                       (128, rh[1], 4, 16, 1), (64, rh[0], 8, 8, 1)]:
+                out.append((f"h2 BN{bn} R{r} w{w} x{waves}{' d2' if d == 2 else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": waves, "h2": True,
-                             "stages": st}))
+                             "depth": d}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64
-        for bn, bk_, st, waves, w, p in [(64, bk, 3, 4, 4, 0), (128, bk, 3, 4, 4, 0), (64, bk, 3, 4, 4, 3),
-                                         (64, bk, 4, 4, 4, 4), (128, bk, 3, 4, 4, 3), (64, bk, 3, 8, 4, 3),
-                                         (64, 64, 4, 4, 4, 4), (128, 64, 4, 4, 8, 4)]:
-            out.append((f"tc-trans BM{bm} BN{bn} BK{bk_} w{w} s{st} x{waves}{f' p{p}' if p else ''}",
+        for bn, bk_, st, waves, w in [(64, bk, 3, 4, 4), (64, 64, 3, 4, 4), (128, bk, 3, 4, 4), (64, bk, 3, 8, 4),
+                                      (128, 64, 3, 4, 8)]:
+            out.append((f"tc-trans BM{bm} BN{bn} BK{bk_} w{w} s{st} x{waves}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk_, "num_warps": w, "num_stages": st,
-                         "trans": True, "evict": True, "waves": waves, "pipe": p}))
+                         "trans": True, "evict": True, "waves": waves}))
     if m >= 256:
-        for bm, bn, bk, w, st, tr, p in [(256, 128, 64, 8, 3, False, 0), (256, 128, 64, 8, 3, True, 0),
-                                         (256, 128, 64, 8, 3, False, 3), (256, 128, 64, 8, 4, False, 4),
-                                         (128, 256, 64, 8, 3, False, 3), (256, 128, 64, 8, 3, True, 3),
-                                         (128, 128, 64, 8, 4, True, 4), (128, 128, 64, 4, 4, False, 4)]:
-            out.append((f"gemm{' trans' if tr else ''} BM{bm} BN{bn} BK{bk} w{w} s{st}{f' p{p}' if p else ''}",
-                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st, "trans": tr,
-                         "pipe": p}))
+        for bm, bn, bk, w, st, tr in [(256, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, False),
+                                      (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, True),
+                                      (128, 128, 64, 4, 4, True), (256, 128, 64, 8, 4, False)]:
+            out.append((f"gemm{' trans' if tr else ''} BM{bm} BN{bn} BK{bk} w{w} s{st}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st, "trans": tr}))
         out.append(("dequant + cuBLAS", {"impl": "deqmm"}))
     return out
 

@@ -20,14 +20,14 @@ def _k(group, bits):
     return 100 if group is None else 3 * group  # per-channel: K not a multiple of any block
 
 
-def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1, stages=0):
+def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
     pw = pack(qw, tile=32, device=device)
     x = random_x(m, k, dtype, gen, device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth, stages=stages))
+    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth))
     assert y is out
     assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
 
@@ -52,14 +52,6 @@ def test_gemv_h2_depth2(bits, group, gen, device):
     """Loads issued two iterations ahead (the clamped tail re-reads its own tile)."""
     _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, depth=2)
     _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=1, h2=True, depth=2)
-
-
-@pytest.mark.parametrize("bits,group", [(4, 32), (3, None), (4, None)])
-def test_gemv_h2_ring(bits, group, gen, device):
-    """The cp.async-ring loop (loads in the loop body, ``tl.range(num_stages=...)``): same sums,
-    splits with uneven iteration counts, masked rows of x."""
-    _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, stages=3)
-    _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=3, h2=True, stages=4)
 
 
 def test_gemv_h2_needs_k_multiple_of_4(gen, device):
@@ -108,14 +100,6 @@ def test_gemm_fp16(bits, sym, group, gen, device):
 def test_gemm_bf16(bits, sym, group, gen, device):
     _run_gemm(17, 33, bits, group, sym, torch.bfloat16, gen, device, GemmConfig(BM=16, BN=32, BK=32, split=2),
               bias=True)
-
-
-@pytest.mark.parametrize("bits,sym,group,trans", [(4, False, 64, True), (3, True, None, False), (8, False, 32, True)])
-def test_gemm_ring(bits, sym, group, trans, gen, device):
-    """Packed words through the cp.async ring (``pipe``) instead of the register prefetch."""
-    bk = 32 if bits == 3 else 64
-    _run_gemm(19, 37, bits, group, sym, torch.float16, gen, device,
-              GemmConfig(BM=16, BN=32, BK=bk, split=2, trans=trans, pipe=3), bias=True)
 
 
 def test_gemm_block_spans_groups(gen, device):
