@@ -80,3 +80,26 @@ def test_graph_replay_and_repeated_split_k(gen):
             g.replay()
         torch.cuda.synchronize()
         assert_matches(y, linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16)
+
+
+def test_autotune_graph_timing_is_per_call(gen):
+    """The autotuner's graph timing: a candidate doing the work twice costs about twice as much,
+    and a GEMV reads its weight at a plausible bandwidth (not launch gaps)."""
+    from kernels import autotune
+
+    qw = random_qweight(8192, 4096, 4, 128, False, torch.float16, gen)
+    pw = pack(qw, device="cuda")
+    x = random_x(1, 4096, torch.float16, gen, "cuda")
+    cfg = GemvConfig(BN=64, R=16, h2=True, waves=6)
+
+    def once(x_, pw_):
+        return gemv(x_, pw_, cfg=cfg)
+
+    def twice(x_, pw_):
+        gemv(x_, pw_, cfg=cfg)
+        return gemv(x_, pw_, cfg=cfg)
+
+    t = dict(autotune.time_candidates([("once", once), ("twice", twice)], (x, pw)))
+    assert 1.5 < t["twice"] / t["once"] < 2.5, t
+    gbps = pw.nbytes() / (t["once"] * 1e-3) / 1e9
+    assert 300 < gbps < 4000, (t, gbps)
