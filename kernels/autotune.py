@@ -68,7 +68,7 @@ def time_candidates(cands: list[tuple[str, Callable]], args: tuple, reps: int = 
     """Per-call ms of each candidate ``fn(*args)`` (failures are skipped), timed the way a model
     runs it: ``calls`` L2-cold calls captured in one CUDA graph, median of ``reps`` replays, minus
     the same graph without the calls (the L2 flushes). Run 7: single eager calls timed by events
-    ranked a 51.7 µs config over a 45.9 µs one, and read 0.6-1.6 ms for 41 µs kernels when the host
+    ranked a 51.7 µs config over a 45.9 µs one, and read 0.3-1.6 ms for 41 µs kernels when the host
     was busy (launch gaps leak into eager timings; a graph has none)."""
     out = []
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cuda"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 sweepring large sweepsmall sweepsym bench benchsmall dequant decode ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,10 +25,6 @@ for s in $STAGES; do
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
         --m 1 --bits 4 3 --reps 15 --out "$OUT/sweeph2" 2>&1 | grep -v Warning | tee "$OUT/sweeph2.log" | tail -40 ;;
-    sweepring)
-      stamp sweepring
-      timeout 280 python3 -m pipeline.evaluate.bench_kernels --sweep --shapes 8192x28672 \
-        --m 16 2048 --bits 4 3 --reps 15 --out "$OUT/sweepring" 2>&1 | grep -v Warning | tee "$OUT/sweepring.log" | tail -40 ;;
     sweepsmall)
       stamp sweepsmall
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --shapes 3584x4608 3584x3584 18944x3584 3584x37888 \
@@ -67,4 +63,4 @@ for s in $STAGES; do
   esac
 done
 stamp done
-for f in "$OUT"/sweeph2/kernels.md "$OUT"/sweepring/kernels.md "$OUT"/sweepsmall/kernels.md "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done
+for f in "$OUT"/sweeph2/kernels.md "$OUT"/sweepsmall/kernels.md "$OUT"/sweep/kernels.md "$OUT"/bench/kernels.md "$OUT"/decode/decode.md; do [ -f "$f" ] && echo "-- $f" && tail -n 12 "$f"; done
