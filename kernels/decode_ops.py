@@ -12,9 +12,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import active as pdl_active
+from .pdl import launch_dependents, launch_kwargs, wait_prior
+
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
+def _prior_done(PDL: tl.constexpr):
+    """Under PDL: wait for the previous grid, then let the next one be scheduled (these kernels
+    are short; the next one, typically a GEMV, can start streaming its weights meanwhile)."""
+    if PDL:
+        wait_prior()
+        launch_dependents()
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, HAS_X: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    _prior_done(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -34,16 +48,19 @@ def add_rmsnorm(x: torch.Tensor | None, res: torch.Tensor, w: torch.Tensor, eps:
     """``res += x`` (in place, model dtype), then ``RMSNorm(res) * w`` as transformers computes it."""
     m, n = res.shape
     out = torch.empty_like(res) if out is None else out
+    pdl = pdl_active(res.device)
     _add_rmsnorm_kernel[(m,)](res if x is None else x, res, w, out, n, eps, HAS_X=x is not None,
-                              BLOCK=triton.next_power_of_2(n), num_warps=8)
+                              BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=8,
+                              **launch_kwargs(pdl))
     return out
 
 
 @triton.jit
 def _rope_kv_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, q_ptr, k_cache, v_cache, stride_qkv, L,
-                    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """Program (b, h): rotate q head h (h < HQ) into q_out, or rotate k / copy v of kv head h-HQ
     into the caches at the current position."""
+    _prior_done(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     half = tl.arange(0, D // 2)
@@ -79,15 +96,18 @@ def rope_kv(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cach
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     q = torch.empty(b, hq, d, dtype=qkv.dtype, device=qkv.device) if q_out is None else q_out
+    pdl = pdl_active(qkv.device)
     _rope_kv_kernel[(b, hq + hkv)](qkv, inv_freq, pos, q, k_cache, v_cache, qkv.stride(0), k_cache.shape[2],
-                                   HQ=hq, HKV=hkv, D=d, num_warps=1)
+                                   HQ=hq, HKV=hkv, D=d, PDL=pdl, num_warps=1,
+                                   **launch_kwargs(pdl))
     return q
 
 
 @triton.jit
 def _decode_attn_kernel(q_ptr, k_cache, v_cache, pos_ptr, out_ptr, L, scale,
-                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr):
+                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, PDL: tl.constexpr):
     """Program (b, h): softmax(q k^T * scale) v over cache positions [0, pos], online softmax."""
+    _prior_done(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     j = h // (HQ // HKV)
@@ -120,13 +140,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     b, hq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(b, hq * d, dtype=q.dtype, device=q.device) if out is None else out
+    pdl = pdl_active(q.device)
     _decode_attn_kernel[(b, hq)](q, k_cache, v_cache, pos, out, length, d**-0.5, HQ=hq, HKV=hkv, D=d, BL=64,
-                                 num_warps=4)
+                                 PDL=pdl, num_warps=4, **launch_kwargs(pdl))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _prior_done(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -140,5 +162,82 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n2 = gu.shape
     n = n2 // 2
     out = torch.empty(m, n, dtype=gu.dtype, device=gu.device) if out is None else out
-    _silu_mul_kernel[(m, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, num_warps=4)
+    pdl = pdl_active(gu.device)
+    _silu_mul_kernel[(m, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, PDL=pdl, num_warps=4,
+                                                **launch_kwargs(pdl))
+    return out
+
+
+@triton.jit
+def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr, stride_qkv, L, scale,
+                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, PDL: tl.constexpr):
+    """Program (b, h): rotary on q head h and on its kv head's new k, the first program of each kv
+    group writes k and v into the caches at ``pos``, then attention over cache positions [0, pos)
+    plus the new token, taken from registers (no program waits for another's cache write)."""
+    _prior_done(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    G: tl.constexpr = HQ // HKV
+    j = h // G
+    half = tl.arange(0, D // 2)
+    d = tl.arange(0, D)
+    p = tl.load(pos_ptr)
+    ang = p.to(tl.float32) * tl.load(inv_freq_ptr + half)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    row = qkv_ptr + b * stride_qkv
+    q1 = tl.load(row + h * D + half).to(tl.float32)
+    q2 = tl.load(row + h * D + D // 2 + half).to(tl.float32)
+    # q and k rounded to the model dtype after the rotation, as when they pass through memory
+    qr1 = (q1 * c - q2 * s).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
+    qr2 = (q2 * c + q1 * s).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
+    k1 = tl.load(row + (HQ + j) * D + half).to(tl.float32)
+    k2 = tl.load(row + (HQ + j) * D + D // 2 + half).to(tl.float32)
+    kr1 = (k1 * c - k2 * s).to(k_cache.dtype.element_ty)
+    kr2 = (k2 * c + k1 * s).to(k_cache.dtype.element_ty)
+    vn = tl.load(row + (HQ + HKV + j) * D + d)
+    kb = k_cache + (b * HKV + j) * L * D
+    vb = v_cache + (b * HKV + j) * L * D
+    if h % G == 0:
+        tl.store(kb + p * D + half, kr1)
+        tl.store(kb + p * D + D // 2 + half, kr2)
+        tl.store(vb + p * D + d, vn.to(v_cache.dtype.element_ty))
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for l0 in range(0, p, BL):
+        ls = l0 + tl.arange(0, BL)
+        lm = ls < p
+        ka = tl.load(kb + ls[:, None] * D + half[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(kb + ls[:, None] * D + D // 2 + half[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(lm, tl.sum(ka * qr1[None, :], axis=1) + tl.sum(kz * qr2[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        pr = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(vb + ls[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(pr[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(pr, axis=0)
+        m_i = m_new
+    s_new = tl.sum(kr1.to(tl.float32) * qr1, axis=0) + tl.sum(kr2.to(tl.float32) * qr2, axis=0)
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp(m_i - m_new)
+    pn = tl.exp(s_new - m_new)
+    acc = acc * alpha + pn * vn.to(tl.float32)
+    l_i = l_i * alpha + pn
+    tl.store(out_ptr + (b * HQ + h) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention): returns
+    ``[B, hq * D]`` and leaves the new k, v in the caches at ``pos``."""
+    b = qkv.shape[0]
+    d, length = k_cache.shape[-1], k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    out = torch.empty(b, hq * d, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    pdl = pdl_active(qkv.device)
+    _rope_attn_kernel[(b, hq)](qkv, inv_freq, pos, k_cache, v_cache, out, qkv.stride(0), length, d**-0.5,
+                               HQ=hq, HKV=hkv, D=d, BL=64, PDL=pdl, num_warps=4,
+                               **launch_kwargs(pdl))
     return out

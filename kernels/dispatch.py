@@ -7,6 +7,8 @@ import os
 import torch
 
 from .layout import MAGIC_BITS, PackedWeight
+from .pdl import active as pdl_active
+from .pdl import launch_kwargs
 from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config, gemv_h2_config
 
 _WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -72,9 +74,10 @@ def h2_applies(x: torch.Tensor, pw: PackedWeight) -> bool:
 
 
 def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, cfg: GemvConfig | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` with a CUDA-core GEMV kernel (meant for M <= 4): the fp16-pair kernel
-    where it applies (``cfg.h2``), else the portable fp32 one."""
+    where it applies (``cfg.h2``), else the portable fp32 one. ``pdl``: programmatic dependent
+    launch of the fp16-pair kernel (None: as ``kernels.pdl.programmatic_launch`` says)."""
     from .gemv import gemv_kernel
 
     x, out, zero, b = _common(x, pw, bias, out)
@@ -102,14 +105,15 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         from .gemv_h2 import gemv_h2_kernel
 
         xq = (x if x.data_ptr() % 8 == 0 else x.clone()).view(torch.int64)
+        pdl = pdl_active(x.device) if pdl is None else pdl and pdl_active(x.device, force=True)
         gemv_h2_kernel[(n_tiles, split, m_blocks)](
             xq, pw.words, pw.scale, zero, b, out, ws, cnt,
             m, n, k // 4, xq.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
-            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, num_warps=cfg.num_warps,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
+            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, num_warps=cfg.num_warps,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out
     gemv_kernel[(n_tiles, split, m_blocks)](

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .decode import load_rows, splitk_epilogue
+from .pdl import launch_dependents, wait_prior
 
 
 def _dot_asm(n: int) -> str:
@@ -266,17 +267,23 @@ def _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS: t
 
 
 @triton.jit
-def _ld(p, mask, safe, i: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+def _ld(p, mask, safe, i: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, NC: tl.constexpr):
     """One int64 of x per element. ASM: by inline PTX, so the load keeps the layout of its address
     (the words' layout; triton 3.6 re-lays ``tl.load`` of a stride-0 pointer and converts it
-    back through shared memory every iteration) and, being pure, the copies along BN merge."""
+    back through shared memory every iteration) and, being pure, the copies along BN merge.
+    NC: through the read-only (non-coherent) path -- not under PDL, where the kernel is already
+    running while the previous grid writes x."""
     if ASM:
         if EVEN:
             a = (p + i).to(tl.int64, bitcast=True)
         else:
             a = tl.where(mask, p + i, safe).to(tl.int64, bitcast=True)
-        v = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [a], dtype=tl.int64,
-                                      is_pure=True, pack=1)
+        if NC:
+            v = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [a], dtype=tl.int64,
+                                          is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise("ld.global.b64 $0, [$1];", "=l,l", [a], dtype=tl.int64,
+                                          is_pure=True, pack=1)
         if not EVEN:
             v = tl.where(mask, v, 0)
     elif EVEN:
@@ -287,32 +294,30 @@ def _ld(p, mask, safe, i: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_x(xp, x_ptr, qi, M, K4, m3, QPR: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+def _load_x(xp, x_ptr, qi, M, K4, m3, QPR: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+            NC: tl.constexpr = True):
     """The x words of a row block: QPR int64 (4 fp16 each) per decode row, [BM, R, 1] each."""
-    q0 = _ld(xp, (m3 < M) & (qi < K4), x_ptr, 0, EVEN, ASM)
-    q1 = _ld(xp, (m3 < M) & (qi + 1 < K4), x_ptr, 1, EVEN, ASM)
+    q0 = _ld(xp, (m3 < M) & (qi < K4), x_ptr, 0, EVEN, ASM, NC)
+    q1 = _ld(xp, (m3 < M) & (qi + 1 < K4), x_ptr, 1, EVEN, ASM, NC)
     if QPR == 8:
-        q2 = _ld(xp, (m3 < M) & (qi + 2 < K4), x_ptr, 2, EVEN, ASM)
-        q3 = _ld(xp, (m3 < M) & (qi + 3 < K4), x_ptr, 3, EVEN, ASM)
-        q4 = _ld(xp, (m3 < M) & (qi + 4 < K4), x_ptr, 4, EVEN, ASM)
-        q5 = _ld(xp, (m3 < M) & (qi + 5 < K4), x_ptr, 5, EVEN, ASM)
-        q6 = _ld(xp, (m3 < M) & (qi + 6 < K4), x_ptr, 6, EVEN, ASM)
-        q7 = _ld(xp, (m3 < M) & (qi + 7 < K4), x_ptr, 7, EVEN, ASM)
+        q2 = _ld(xp, (m3 < M) & (qi + 2 < K4), x_ptr, 2, EVEN, ASM, NC)
+        q3 = _ld(xp, (m3 < M) & (qi + 3 < K4), x_ptr, 3, EVEN, ASM, NC)
+        q4 = _ld(xp, (m3 < M) & (qi + 4 < K4), x_ptr, 4, EVEN, ASM, NC)
+        q5 = _ld(xp, (m3 < M) & (qi + 5 < K4), x_ptr, 5, EVEN, ASM, NC)
+        q6 = _ld(xp, (m3 < M) & (qi + 6 < K4), x_ptr, 6, EVEN, ASM, NC)
+        q7 = _ld(xp, (m3 < M) & (qi + 7 < K4), x_ptr, 7, EVEN, ASM, NC)
     else:
         q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0
     return q0, q1, q2, q3, q4, q5, q6, q7
 
 
 @triton.jit
-def _stage(j, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-           BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
-           T: tl.constexpr, R: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
-    """Issue the loads of iteration ``j``: words, x, and (grouped) scale and zero."""
+def _stage_w(j, wbase, szbase, scale_ptr, zero_ptr, BITS: tl.constexpr, SYM: tl.constexpr,
+             PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr, T: tl.constexpr, R: tl.constexpr,
+             EVICT: tl.constexpr):
+    """The weight-side loads of iteration ``j``: words and (grouped) scale and zero."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
-    QPR: tl.constexpr = 8 if BITS == 3 else 2
     w0, w1, w2 = load_rows(wbase + j * (R * WPR * T), T, BITS, EVICT)
-    q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(xbase + j * (R * QPR), x_ptr, qi0 + j * (R * QPR), M, K4, m3,
-                                             QPR, EVEN, ASM)
     if PER_CHANNEL:
         s = w0
         z = w0
@@ -322,6 +327,20 @@ def _stage(j, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
         z = s
         if not SYM:
             z = tl.load(zero_ptr + szbase + g)
+    return w0, w1, w2, s, z
+
+
+@triton.jit
+def _stage(j, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
+           BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+           T: tl.constexpr, R: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+           NC: tl.constexpr = True):
+    """Issue the loads of iteration ``j``: words, x, and (grouped) scale and zero."""
+    QPR: tl.constexpr = 8 if BITS == 3 else 2
+    w0, w1, w2, s, z = _stage_w(j, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R,
+                                EVICT)
+    q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(xbase + j * (R * QPR), x_ptr, qi0 + j * (R * QPR), M, K4, m3,
+                                             QPR, EVEN, ASM, NC)
     return w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z
 
 
@@ -332,7 +351,7 @@ def gemv_h2_kernel(
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-    DEPTH: tl.constexpr,
+    DEPTH: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -340,7 +359,9 @@ def gemv_h2_kernel(
     (row of x, decode row, column) accumulates ``(sum of the row's products) * scale``. The loads
     of iteration ``it + DEPTH`` (1 or 2) are issued before iteration ``it`` is computed: Triton
     pipelines no load that feeds no ``tl.dot``, and a GEMV that waits for each load runs at the
-    latency, not the bandwidth, of memory. EVEN: no m or k masks needed."""
+    latency, not the bandwidth, of memory. EVEN: no m or k masks needed.
+    PDL (pdl.py): the first iteration's weights are requested before waiting for the previous grid,
+    x only after; the next grid may be scheduled once every program has left the loop."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     QPR: tl.constexpr = 8 if BITS == 3 else 2  # int64 words of x per decode row
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
@@ -371,13 +392,16 @@ def gemv_h2_kernel(
         if not SYM:
             zsrc = tl.load(zero_ptr + szbase)
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
-    a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
-        it0, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-        BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+    a0, a1, a2, a_s, a_z = _stage_w(it0, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS,
+                                    T, R, EVICT)
+    if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
+        xbase = xbase + wait_prior()
+    aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7 = _load_x(xbase + it0 * (R * QPR), x_ptr, qi0 + it0 * (R * QPR), M, K4,
+                                                     m3, QPR, EVEN, ASM, not PDL)
     if DEPTH == 2:
         b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
             tl.minimum(it0 + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-            BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+            BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, not PDL)
     y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
     for it in range(it0, it1):
         w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
@@ -388,11 +412,11 @@ def gemv_h2_kernel(
                                                                             bq5, bq6, bq7, b_s, b_z)
             b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
                 tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, not PDL)
         else:
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
                 tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM)
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, not PDL)
         if not PER_CHANNEL:
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
         r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
@@ -400,6 +424,8 @@ def gemv_h2_kernel(
             y3 += r
         else:
             y3 += r * s.to(tl.float32)
+    if PDL:
+        launch_dependents()
     y = tl.sum(y3, axis=1)  # [BM, BN]
     if PER_CHANNEL:
         y = y * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]

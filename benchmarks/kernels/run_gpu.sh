@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,7 +16,7 @@ for s in $STAGES; do
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
     tests)
       stamp tests
-      timeout 100 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
     sweep)
       stamp sweep
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
@@ -51,6 +51,12 @@ for s in $STAGES; do
     decode)
       stamp decode
       timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
+    decodepdl)  # the same step without and with programmatic dependent launch, kernel breakdown of each
+      stamp decodepdl
+      timeout 120 python3 -m pipeline.evaluate.bench_decode --no-pdl --profile --batch 1 --out "$OUT/decode_nopdl" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode_nopdl.log"
+      timeout 150 python3 -m pipeline.evaluate.bench_decode --profile --out "$OUT/decode" 2>&1 | grep -v Warning \
+        | tee "$OUT/decode.log" ;;
     ncu)
       stamp ncu
       for b in 4 3; do

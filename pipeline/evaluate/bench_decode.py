@@ -42,6 +42,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=128, help="decode steps timed")
     p.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the config's)")
     p.add_argument("--tiny", action="store_true", help="a tiny config (checks the script; CPU with the interpreter)")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace a few replayed steps and write decode_profile.md: GPU time per step by "
+                        "kernel and grid (which layer is which), and how much of the step no kernel runs")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="programmatic dependent launch of our kernels (Hopper+): each may start streaming "
+                        "weights while the previous one finishes (kernels/pdl.py); --no-pdl to compare")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -177,15 +183,14 @@ class DecodeModel:
         ``tokens`` and ``pos + 1``. Only fixed-shape device work: capturable in a CUDA graph."""
         import torch
 
-        from kernels.decode_ops import add_rmsnorm, decode_attention, rope_kv, silu_mul
+        from kernels.decode_ops import add_rmsnorm, rope_attention, silu_mul
 
         x = torch.nn.functional.embedding(self.tokens, self.embed)
         res = x.clone()
         normed = add_rmsnorm(None, res, self.layers[0]["in_norm"], self.eps)
         for i, lay in enumerate(self.layers):
             qkv = lay["qkv"](normed)
-            q = rope_kv(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq, self.hkv)
-            attn = decode_attention(q, lay["k_cache"], lay["v_cache"], self.pos)
+            attn = rope_attention(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq, self.hkv)
             normed = add_rmsnorm(lay["o"](attn), res, lay["post_norm"], self.eps)
             mlp = lay["down"](silu_mul(lay["gate_up"](normed)))
             nxt = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
@@ -205,8 +210,52 @@ class DecodeModel:
 # ----------------------------------------------------------------------------- timing
 
 
-def bench_one(config, variant: str, batch: int, context: int, steps: int, group: int | None) -> dict:
+def profile_graph(g, steps: int) -> dict:
+    """GPU time per step of each (kernel, grid) over ``steps`` replays, from a profiler trace (the
+    grid tells the GEMVs of different shapes apart), and the step's span vs the sum of kernel
+    times: with plain launches the difference is time in which no kernel ran."""
+    import tempfile
+
     import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    return summarize_kernels(events, steps)
+
+
+def summarize_kernels(events: list[dict], steps: int) -> dict:
+    """Chrome-trace events -> per-step µs and calls of each (kernel, grid), the traced span and the
+    sum of kernel durations (both per step)."""
+    kern = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kern:
+        return {}
+    agg: dict[tuple[str, str], list[float]] = {}
+    for e in kern:
+        grid = "x".join(str(v) for v in (e.get("args", {}).get("grid") or []))
+        a = agg.setdefault((e["name"][:60], grid), [0.0, 0])
+        a[0] += e["dur"]
+        a[1] += 1
+    span = max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)
+    busy = sum(e["dur"] for e in kern)
+    rows = sorted(({"kernel": k[0], "grid": k[1], "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
+                   for k, v in agg.items()), key=lambda r: -r["us_per_step"])
+    return {"span_us_per_step": span / steps, "kernel_us_per_step": busy / steps, "rows": rows}
+
+
+def bench_one(config, variant: str, batch: int, context: int, steps: int, group: int | None,
+              pdl: bool = True, profile: bool = False) -> dict:
+    import torch
+
+    from kernels.pdl import programmatic_launch
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -216,7 +265,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
     gen.manual_seed(1)
     model.fill_cache(context, gen)
     model.tokens.copy_(torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen))
-    with torch.no_grad():
+    with torch.no_grad(), programmatic_launch(pdl):
         for _ in range(2):  # eager: compiles kernels, sizes the split-K workspace
             model.step()
         torch.cuda.synchronize()
@@ -238,10 +287,13 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
         b.record()
         b.synchronize()
     ms = a.elapsed_time(b) / steps
-    r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "ms_per_step": ms,
+    prof = profile_graph(g, 8) if profile else None
+    r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "pdl": pdl, "ms_per_step": ms,
          "tokens_per_s": batch * 1000.0 / ms, "weights_gb": model.weight_bytes() / 1e9,
          "peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
          "finite": bool(torch.isfinite(model.logits).all())}
+    if prof:
+        r["profile"] = prof
     del g, model
     torch.cuda.empty_cache()
     return r
@@ -250,7 +302,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
              f"{meta['transformers']}; {meta['date']}; model {meta['model']}; context {meta['context']}, "
-             f"{meta['steps']} steps.", "",
+             f"{meta['steps']} steps; programmatic dependent launch {'on' if meta.get('pdl') else 'off'}.", "",
              "| variant | batch | ms / step | tokens/s | x fp16 | weights GB | peak GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -258,6 +310,23 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:.0f} | {sp} | "
                      f"{r['weights_gb']:.2f} | {r['peak_gb']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(rows: list[dict], meta: dict, top: int = 14) -> str:
+    out = [f"Kernel time per decode step (profiler trace of 8 replays); {meta['device']}, {meta['date']}, "
+           f"PDL {'on' if meta.get('pdl') else 'off'}.", ""]
+    for r in rows:
+        p = r.get("profile")
+        if not p:
+            continue
+        out += [f"### {r['variant']}, batch {r['batch']}: step {r['ms_per_step'] * 1000:.0f} µs timed; traced span "
+                f"{p['span_us_per_step']:.0f} µs, kernels busy {p['kernel_us_per_step']:.0f} µs", "",
+                "| kernel | grid | µs / step | calls / step | µs / call |", "|---|---|---:|---:|---:|"]
+        for k in p["rows"][:top]:
+            out.append(f"| {k['kernel']} | {k['grid']} | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} | "
+                       f"{k['us_per_step'] / max(k['calls_per_step'], 1e-9):.2f} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def run(args) -> int:
@@ -276,12 +345,12 @@ def run(args) -> int:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
             "model": "tiny" if args.tiny else f"Qwen2-7B shape ({config.num_hidden_layers} layers)",
-            "context": args.context, "steps": args.steps, "cmd": " ".join(sys.argv)}
+            "context": args.context, "steps": args.steps, "pdl": args.pdl, "cmd": " ".join(sys.argv)}
     rows, base = [], {}
     for batch in args.batch:
         for v in args.variants:
             try:
-                r = bench_one(config, v, batch, args.context, args.steps, args.group or None)
+                r = bench_one(config, v, batch, args.context, args.steps, args.group or None, args.pdl, args.profile)
             except Exception as e:
                 print(f"FAILED {v} batch {batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -296,6 +365,9 @@ def run(args) -> int:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "decode.md"), "w") as f:
         f.write(to_markdown(rows, meta))
+    if args.profile:
+        with open(os.path.join(args.out, "decode_profile.md"), "w") as f:
+            f.write(profile_markdown(rows, meta))
     return 0
 
 

@@ -50,3 +50,20 @@ def test_decode_refuses_cpu_with_a_fix():
     with pytest.raises(VlmqError) as e:
         bench_decode.run(p.parse_args(["--tiny"]))
     assert e.value.fix
+
+
+def test_decode_profile_summary_by_hand():
+    """Per-step kernel times grouped by (name, grid); span vs busy shows the idle gaps."""
+    from pipeline.evaluate.bench_decode import summarize_kernels
+
+    ev = [{"cat": "kernel", "name": "gemv_h2_kernel", "ts": 0.0, "dur": 10.0, "args": {"grid": [72, 11, 1]}},
+          {"cat": "kernel", "name": "_add_rmsnorm_kernel", "ts": 12.0, "dur": 3.0, "args": {"grid": [1, 1, 1]}},
+          {"cat": "kernel", "name": "gemv_h2_kernel", "ts": 16.0, "dur": 30.0, "args": {"grid": [592, 2, 1]}},
+          {"cat": "kernel", "name": "gemv_h2_kernel", "ts": 50.0, "dur": 10.0, "args": {"grid": [72, 11, 1]}},
+          {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0.0, "dur": 99.0}]
+    s = summarize_kernels(ev, steps=2)
+    assert s["span_us_per_step"] == 30.0 and s["kernel_us_per_step"] == 26.5
+    top = s["rows"][0]
+    assert (top["grid"], top["us_per_step"], top["calls_per_step"]) == ("592x2x1", 15.0, 0.5)
+    assert {(r["grid"], r["us_per_step"]) for r in s["rows"][1:]} == {("72x11x1", 10.0), ("1x1x1", 1.5)}
+    assert summarize_kernels([], 1) == {}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.decode_ops import add_rmsnorm, decode_attention, rope_kv, silu_mul
+from kernels.decode_ops import add_rmsnorm, decode_attention, rope_attention, rope_kv, silu_mul
 
 
 def test_add_rmsnorm_matches_transformers(gen, device):
@@ -50,6 +50,25 @@ def test_rope_kv_and_attention_match_torch(gen, device):
     vv = vc[:, :, : pos + 1].float().repeat_interleave(hq // hkv, dim=1)
     want = torch.nn.functional.scaled_dot_product_attention(q.cpu().float()[:, :, None], kk, vv)[:, :, 0]
     assert torch.allclose(out.cpu().float(), want.reshape(b, hq * d), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("pos", [0, 1, 64, 77])
+def test_rope_attention_equals_rope_kv_then_attention(pos, gen, device):
+    """The fused launch computes what the two separate ones (checked above against transformers and
+    SDPA) compute: same output, same caches -- also at pos 0 (no cache yet) and on a block edge."""
+    b, hq, hkv, d, length = 2, 6, 2, 32, 96
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
+    kc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    vc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    p = torch.tensor([pos], dtype=torch.int32, device=device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+    out = torch.full_like(want, float("nan"))
+    got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, out=out)
+    assert torch.equal(kc2.cpu(), kc.cpu()) and torch.equal(vc2.cpu(), vc.cpu())
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.cpu().float(), want.cpu().float(), atol=2e-3, rtol=1e-2)
 
 
 def test_silu_mul(gen, device):

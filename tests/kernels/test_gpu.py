@@ -103,3 +103,49 @@ def test_autotune_graph_timing_is_per_call(gen):
     assert 1.5 < t["twice"] / t["once"] < 2.5, t
     gbps = pw.nbytes() / (t["once"] * 1e-3) / 1e9
     assert 300 < gbps < 4000, (t, gbps)
+
+
+@pytest.mark.parametrize("variant", ["w4", "w3"])
+def test_pdl_decode_step_equals_plain_launches(variant, gen):
+    """Programmatic dependent launch lets each kernel start before the previous one has finished
+    (kernels/pdl.py). Two layers of the 7B decode step, replayed in a CUDA graph with PDL on fresh
+    tokens, give the logits of the same step launched plainly and eagerly; a kernel that read its
+    input before the wait would see the previous replay's activations and miss by far more."""
+    from pipeline.evaluate.bench_decode import DecodeModel, config_for
+    from kernels import pdl
+
+    cfg = config_for(tiny=False, layers=2)
+    with pdl.programmatic_launch():
+        assert pdl.active(torch.device("cuda")), "PDL is not engaged on this GPU (needs sm_90+)"
+    models = {on: DecodeModel(cfg, variant, 1, 64, "cuda", 128, seed=3) for on in (False, True)}
+    g2 = torch.Generator(device="cuda")
+    g2.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for m in models.values():
+        m.fill_cache(20, torch.Generator(device="cuda").manual_seed(5))
+    toks = torch.randint(0, cfg.vocab_size, (6,), device="cuda", generator=g2)
+    with torch.no_grad(), pdl.programmatic_launch(True):
+        mp = models[True]
+        mp.step()  # eager: compiles, sizes the workspace
+        mp.pos.fill_(20)
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.cuda.graph(graph):
+            mp.step()
+        torch.cuda.current_stream().wait_stream(s)
+        mp.pos.fill_(20)
+        got = []
+        for t in toks:
+            mp.tokens.fill_(int(t))
+            graph.replay()
+            got.append(mp.logits.float().clone())
+    want = []
+    with torch.no_grad(), pdl.programmatic_launch(False):
+        for t in toks:
+            models[False].tokens.fill_(int(t))
+            models[False].step()
+            want.append(models[False].logits.float().clone())
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = float((a - b).norm() / b.norm())
+        assert err < 2e-3, (i, err)
+    assert int(mp.pos) == int(models[False].pos) == 26

@@ -1,0 +1,71 @@
+"""Programmatic dependent launch (PDL): let a kernel start while the one before it finishes.
+
+Why: single-token decode is a chain of ~9 launches per layer, most of them a few µs long. In a CUDA
+graph each still waits for the previous grid to drain, and a GEMV then spends its first µs with
+no weight bytes in flight. With PDL (Hopper+) a kernel launched with ``launch_pdl=True`` may be
+scheduled as soon as every program of the previous grid has called ``launch_dependents`` (or
+exited); it issues whatever does not depend on that grid -- for a GEMV, its first tile of weights
+-- then waits (``griddepcontrol.wait``) until the previous grid has completed and its writes are
+visible, and only then reads activations or writes anything.
+
+Opt-in and scoped: ``with programmatic_launch():`` turns it on for the kernels launched inside
+(the decode bench); everything else, the autotuner's timing included, launches as before.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import triton
+import triton.language as tl
+
+_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("vlmq_pdl", default=False)
+
+
+@contextmanager
+def programmatic_launch(on: bool = True) -> Iterator[None]:
+    """Launch the PDL-aware kernels (fp16-pair GEMV, decode glue) with PDL inside this block."""
+    token = _ON.set(on)
+    try:
+        yield
+    finally:
+        _ON.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def active(device: torch.device, force: bool = False) -> bool:
+    """PDL for a launch on ``device`` now: switched on (or ``force``), a Hopper-or-newer GPU, not the
+    interpreter (which has no grids to overlap)."""
+    if not (force or _ON.get()) or device.type != "cuda":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return _supported(device.index)
+
+
+def launch_kwargs(on: bool) -> dict:
+    return {"launch_pdl": True} if on else {}
+
+
+@triton.jit
+def wait_prior():
+    """``griddepcontrol.wait``; returns int32 0 from the same asm, to add to addresses that pure
+    (reorderable) inline-asm loads use, so those loads cannot be hoisted above the wait."""
+    return tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def launch_dependents():
+    """Let the next grid be scheduled once every program of this one has passed this point."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
