@@ -64,12 +64,14 @@ def _replay_ms(g: torch.cuda.CUDAGraph, reps: int) -> float:
 
 
 def time_candidates(cands: list[tuple[str, Callable]], args: tuple, reps: int = 7,
-                    calls: int = 8) -> list[tuple[str, float]]:
+                    calls: int = 8, before: Callable[[], object] | None = None) -> list[tuple[str, float]]:
     """Per-call ms of each candidate ``fn(*args)`` (failures are skipped), timed the way a model
     runs it: ``calls`` L2-cold calls captured in one CUDA graph, median of ``reps`` replays, minus
     the same graph without the calls (the L2 flushes). Run 7: single eager calls timed by events
     ranked a 51.7 µs config over a 45.9 µs one, and read 0.3-1.6 ms for 41 µs kernels when the host
-    was busy (launch gaps leak into eager timings; a graph has none)."""
+    was busy (launch gaps leak into eager timings; a graph has none). ``before``: a kernel run
+    between the flush and each call, and subtracted with it (the decode glue a GEMV follows under
+    programmatic dependent launch, which it overlaps)."""
     out = []
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cuda"))
     _flush_l2(dev)  # allocate the flush buffer outside any capture
@@ -80,10 +82,10 @@ def time_candidates(cands: list[tuple[str, Callable]], args: tuple, reps: int = 
                 fn(*args)
             torch.cuda.synchronize(dev)
             if base is None:
-                g0 = _capture(lambda: _flush_l2(dev), calls)
+                g0 = _capture(lambda: (_flush_l2(dev), before and before()), calls)
                 base = _replay_ms(g0, reps)
                 del g0
-            g = _capture(lambda: (_flush_l2(dev), fn(*args)), calls)
+            g = _capture(lambda: (_flush_l2(dev), before and before(), fn(*args)), calls)
             out.append((name, max(_replay_ms(g, reps) - base, 0.0) / calls))
             del g
         except Exception:  # a config that does not compile, fit or capture is simply not chosen
@@ -102,10 +104,15 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("kernels: first call of a new shape inside CUDA-graph capture; "
                            "run one eager forward with the same shapes before capturing")
-    from .pdl import programmatic_launch
+    from . import pdl
 
-    with programmatic_launch(False):  # each candidate alone, as the benchmarks time it
-        times = timer(cands, args)
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is not None and pdl.active(dev) and timer is time_candidates:
+        # under PDL a kernel overlaps the one before it: time it behind a decode glue kernel
+        times = timer(cands, args, before=_pdl_predecessor(args[0]))
+    else:
+        with pdl.programmatic_launch(False):  # each candidate alone, as the kernel benchmarks time it
+            times = timer(cands, args)
     if not times:
         return None
     _TRACE[key] = times
@@ -113,6 +120,16 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
     fn = dict(cands)[best]
     _BEST[key], _NAME[key], _LAST[0] = fn, best, best
     return fn
+
+
+def _pdl_predecessor(x: torch.Tensor) -> Callable[[], object]:
+    """An RMSNorm over one row of x's width (what precedes most decode GEMVs), PDL-launched."""
+    from .decode_ops import add_rmsnorm
+
+    res = torch.randn(1, x.shape[-1], device=x.device).to(x.dtype)
+    w = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+    out = torch.empty_like(res)
+    return lambda: add_rmsnorm(None, res, w, 1e-6, out=out)
 
 
 def last() -> str | None:
@@ -124,6 +141,11 @@ def choice(key: tuple) -> str | None:
     """Name of the candidate chosen for ``key`` (for reports)."""
     t = _TRACE.get(key)
     return None if not t else min(t, key=lambda v: v[1])[0]
+
+
+def chosen() -> dict[tuple, str]:
+    """Every key decided so far and the name of its winner."""
+    return dict(_NAME)
 
 
 def trace() -> dict[tuple, list[tuple[str, float]]]:

@@ -169,75 +169,134 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr, stride_qkv, L, scale,
-                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, PDL: tl.constexpr):
-    """Program (b, h): rotary on q head h and on its kv head's new k, the first program of each kv
-    group writes k and v into the caches at ``pos``, then attention over cache positions [0, pos)
-    plus the new token, taken from registers (no program waits for another's cache write)."""
+def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr, ws_ptr, cnt_ptr, stride_qkv, L,
+                      scale, S, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+                      SB: tl.constexpr, PDL: tl.constexpr):
+    """Program (b, h, s): rotary on q head h and on its kv head's new k (every program; cheap), then
+    attention of that q over cache block s (positions [s BL, s BL + BL) below ``pos``) plus, in the
+    block holding ``pos``, the new token from registers -- so no program waits for another's cache
+    write; program (b, h0 of the kv group, 0) writes the new k and v into the caches.
+
+    Why split the positions: one program per head walking the whole cache took 15 µs per layer at
+    a 128-256 token context on the H100 (28 programs, each a chain of dependent loads), a sixth of
+    a W4 decode step. Blocks past ``pos`` exit at once; with more than one block, each writes
+    (max, sum, acc) to ``ws`` and the program that arrives last (per-head counter) merges them."""
     _prior_done(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
+    sid = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
     j = h // G
-    half = tl.arange(0, D // 2)
-    d = tl.arange(0, D)
     p = tl.load(pos_ptr)
-    ang = p.to(tl.float32) * tl.load(inv_freq_ptr + half)
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    row = qkv_ptr + b * stride_qkv
-    q1 = tl.load(row + h * D + half).to(tl.float32)
-    q2 = tl.load(row + h * D + D // 2 + half).to(tl.float32)
-    # q and k rounded to the model dtype after the rotation, as when they pass through memory
-    qr1 = (q1 * c - q2 * s).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
-    qr2 = (q2 * c + q1 * s).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
-    k1 = tl.load(row + (HQ + j) * D + half).to(tl.float32)
-    k2 = tl.load(row + (HQ + j) * D + D // 2 + half).to(tl.float32)
-    kr1 = (k1 * c - k2 * s).to(k_cache.dtype.element_ty)
-    kr2 = (k2 * c + k1 * s).to(k_cache.dtype.element_ty)
-    vn = tl.load(row + (HQ + HKV + j) * D + d)
-    kb = k_cache + (b * HKV + j) * L * D
-    vb = v_cache + (b * HKV + j) * L * D
-    if h % G == 0:
-        tl.store(kb + p * D + half, kr1)
-        tl.store(kb + p * D + D // 2 + half, kr2)
-        tl.store(vb + p * D + d, vn.to(v_cache.dtype.element_ty))
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
-    for l0 in range(0, p, BL):
-        ls = l0 + tl.arange(0, BL)
+    n_act = p // BL + 1  # blocks holding any of the positions [0, p]
+    if sid < n_act:
+        half = tl.arange(0, D // 2)
+        d = tl.arange(0, D)
+        ang = p.to(tl.float32) * tl.load(inv_freq_ptr + half)
+        c = tl.cos(ang)
+        sn = tl.sin(ang)
+        row = qkv_ptr + b * stride_qkv
+        q1 = tl.load(row + h * D + half).to(tl.float32)
+        q2 = tl.load(row + h * D + D // 2 + half).to(tl.float32)
+        # q and k rounded to the model dtype after the rotation, as when they pass through memory
+        qr1 = (q1 * c - q2 * sn).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
+        qr2 = (q2 * c + q1 * sn).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
+        k1 = tl.load(row + (HQ + j) * D + half).to(tl.float32)
+        k2 = tl.load(row + (HQ + j) * D + D // 2 + half).to(tl.float32)
+        kr1 = (k1 * c - k2 * sn).to(k_cache.dtype.element_ty)
+        kr2 = (k2 * c + k1 * sn).to(k_cache.dtype.element_ty)
+        vn = tl.load(row + (HQ + HKV + j) * D + d)
+        kb = k_cache + (b * HKV + j) * L * D
+        vb = v_cache + (b * HKV + j) * L * D
+        if (h % G == 0) & (sid == 0):
+            tl.store(kb + p * D + half, kr1)
+            tl.store(kb + p * D + D // 2 + half, kr2)
+            tl.store(vb + p * D + d, vn.to(v_cache.dtype.element_ty))
+        ls = sid * BL + tl.arange(0, BL)
         lm = ls < p
         ka = tl.load(kb + ls[:, None] * D + half[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
         kz = tl.load(kb + ls[:, None] * D + D // 2 + half[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-        sc = tl.where(lm, tl.sum(ka * qr1[None, :], axis=1) + tl.sum(kz * qr2[None, :], axis=1), -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-        pr = tl.exp(sc - m_new)
-        alpha = tl.exp(m_i - m_new)
         v = tl.load(vb + ls[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(pr[:, None] * v, axis=0)
-        l_i = l_i * alpha + tl.sum(pr, axis=0)
-        m_i = m_new
-    s_new = tl.sum(kr1.to(tl.float32) * qr1, axis=0) + tl.sum(kr2.to(tl.float32) * qr2, axis=0)
-    m_new = tl.maximum(m_i, s_new)
-    alpha = tl.exp(m_i - m_new)
-    pn = tl.exp(s_new - m_new)
-    acc = acc * alpha + pn * vn.to(tl.float32)
-    l_i = l_i * alpha + pn
-    tl.store(out_ptr + (b * HQ + h) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+        sc = tl.where(lm, tl.sum(ka * qr1[None, :], axis=1) + tl.sum(kz * qr2[None, :], axis=1), -float("inf"))
+        s_new = tl.sum(kr1.to(tl.float32) * qr1, axis=0) + tl.sum(kr2.to(tl.float32) * qr2, axis=0)
+        s_new = tl.where(sid == n_act - 1, s_new, -float("inf"))  # the new token lives in the last block
+        m = tl.maximum(tl.max(sc, axis=0), s_new)  # finite: a block below the last is full
+        pr = tl.exp(sc - m)
+        pn = tl.exp(s_new - m)
+        acc = tl.sum(pr[:, None] * v, axis=0) + pn * vn.to(tl.float32)
+        lsum = tl.sum(pr, axis=0) + pn
+        dst = out_ptr + (b * HQ + h) * D + d
+        if n_act == 1:
+            tl.store(dst, (acc / lsum).to(out_ptr.dtype.element_ty))
+        else:
+            head = b * HQ + h
+            wp = ws_ptr + (head * S + sid) * (D + 2)
+            # added into the zeroed workspace: atomics land in L2, where the last program reads them
+            # back and zeroes them again (as the split-K epilogue does)
+            tl.atomic_add(wp + 2 + d, acc)
+            tl.atomic_add(wp + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m, lsum))
+            tl.debug_barrier()
+            old = tl.atomic_add(cnt_ptr + head, 1)
+            if old == n_act - 1:
+                mx = tl.full([1], float("-inf"), tl.float32)
+                num = tl.zeros([D], dtype=tl.float32)
+                den = tl.zeros([1], dtype=tl.float32)
+                for s0 in range(0, n_act, SB):
+                    ss = s0 + tl.arange(0, SB)
+                    sm = ss < n_act
+                    base = ws_ptr + (head * S + ss) * (D + 2)
+                    ms = tl.atomic_add(base, tl.zeros([SB], tl.float32), mask=sm)
+                    ms = tl.where(sm, ms, -float("inf"))  # masked atomics return anything
+                    lsm = tl.atomic_add(base + 1, tl.zeros([SB], tl.float32), mask=sm)
+                    lsm = tl.where(sm, lsm, 0.0)
+                    accs = tl.atomic_add(base[:, None] + 2 + d[None, :], tl.zeros([SB, D], tl.float32),
+                                         mask=sm[:, None])
+                    accs = tl.where(sm[:, None], accs, 0.0)
+                    tl.store(base, tl.zeros([SB], tl.float32), mask=sm)
+                    tl.store(base + 1, tl.zeros([SB], tl.float32), mask=sm)
+                    tl.store(base[:, None] + 2 + d[None, :], tl.zeros([SB, D], tl.float32), mask=sm[:, None])
+                    mx_new = tl.maximum(mx, tl.max(ms, axis=0))
+                    alpha = tl.exp(mx - mx_new)
+                    wgt = tl.where(sm, tl.exp(ms - mx_new), 0.0)
+                    num = num * alpha + tl.sum(wgt[:, None] * accs, axis=0)
+                    den = den * alpha + tl.sum(wgt * lsm, axis=0)
+                    mx = mx_new
+                tl.store(dst, (num / den).to(out_ptr.dtype.element_ty))
+                tl.atomic_xchg(cnt_ptr + head, 0)
+
+
+_ATTN_WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _attn_workspace(device: torch.device, n_floats: int, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block partials and per-head counters, both zero at rest (the merging program re-zeroes)."""
+    key = (device.type, device.index)
+    ws, cnt = _ATTN_WS.get(key, (None, None))
+    if ws is None or ws.numel() < n_floats or cnt.numel() < n_heads:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("rope_attention: its workspace must grow during CUDA graph capture; "
+                               "run one eager step with the same batch and cache length first")
+        ws = torch.zeros(max(n_floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(n_heads, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _ATTN_WS[key] = (ws, cnt)
+    return ws, cnt
 
 
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention): returns
-    ``[B, hq * D]`` and leaves the new k, v in the caches at ``pos``."""
+                   v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
+                   block: int = 64) -> torch.Tensor:
+    """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention), split over
+    cache blocks of ``block`` positions: returns ``[B, hq * D]`` and leaves the new k, v in the
+    caches at ``pos``."""
     b = qkv.shape[0]
     d, length = k_cache.shape[-1], k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
     out = torch.empty(b, hq * d, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    n_blocks = triton.cdiv(length, block)
+    ws, cnt = _attn_workspace(qkv.device, b * hq * n_blocks * (d + 2), b * hq)
     pdl = pdl_active(qkv.device)
-    _rope_attn_kernel[(b, hq)](qkv, inv_freq, pos, k_cache, v_cache, out, qkv.stride(0), length, d**-0.5,
-                               HQ=hq, HKV=hkv, D=d, BL=64, PDL=pdl, num_warps=4,
-                               **launch_kwargs(pdl))
+    _rope_attn_kernel[(b, hq, n_blocks)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
+                                         d**-0.5, n_blocks, HQ=hq, HKV=hkv, D=d, BL=block, SB=16, PDL=pdl,
+                                         num_warps=4, **launch_kwargs(pdl))
     return out

@@ -304,7 +304,7 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     m = x.shape[0]
     if autotune.enabled(x):
         key = ("a16", pw.bits, pw.group_size, pw.symmetric, x.dtype, autotune.m_bucket(m), pw.out_features,
-               pw.in_features, x.device.index)
+               pw.in_features, x.device.index, pdl_active(x.device))
         fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw)), (x, pw, bias))
         if fn is not None:
             return fn(x, pw, bias)

@@ -294,6 +294,12 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
          "finite": bool(torch.isfinite(model.logits).all())}
     if prof:
         r["profile"] = prof
+    if variant != "fp16":  # what the autotuner chose for each projection shape of this run
+        from kernels import autotune
+
+        r["picked"] = {f"{k[7]}->{k[6]}": name for k, name in autotune.chosen().items()
+                       if k[0] == "a16" and k[1] == int(variant[1]) and k[5] == autotune.m_bucket(batch)
+                       and k[-1] == (pdl and torch.cuda.get_device_capability()[0] >= 9)}
     del g, model
     torch.cuda.empty_cache()
     return r
@@ -359,7 +365,8 @@ def run(args) -> int:
             r["speedup_vs_fp16"] = r["tokens_per_s"] / base[batch] if batch in base else None
             rows.append(r)
             print(f"{v:6} batch {batch:2}: {r['ms_per_step']:.3f} ms/step  {r['tokens_per_s']:8.1f} tok/s  "
-                  f"x{(r['speedup_vs_fp16'] or 0):.2f}  weights {r['weights_gb']:.2f} GB  peak {r['peak_gb']:.2f} GB",
+                  f"x{(r['speedup_vs_fp16'] or 0):.2f}  weights {r['weights_gb']:.2f} GB  peak {r['peak_gb']:.2f} GB"
+                  + (f"  [{'; '.join(f'{s}: {n}' for s, n in r['picked'].items())}]" if r.get("picked") else ""),
                   flush=True)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -52,10 +52,11 @@ def test_rope_kv_and_attention_match_torch(gen, device):
     assert torch.allclose(out.cpu().float(), want.reshape(b, hq * d), atol=2e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("pos", [0, 1, 64, 77])
-def test_rope_attention_equals_rope_kv_then_attention(pos, gen, device):
-    """The fused launch computes what the two separate ones (checked above against transformers and
-    SDPA) compute: same output, same caches -- also at pos 0 (no cache yet) and on a block edge."""
+@pytest.mark.parametrize("pos,block", [(0, 64), (1, 64), (64, 64), (77, 64), (95, 16), (90, 4)])
+def test_rope_attention_equals_rope_kv_then_attention(pos, block, gen, device):
+    """The fused, position-split launch computes what the two separate ones (checked above against
+    transformers and SDPA) compute: same output, same caches -- at pos 0 (no cache yet), on a block
+    edge, over 6 blocks, and over 23 (merged by the last one, in two rounds of 16)."""
     b, hq, hkv, d, length = 2, 6, 2, 32, 96
     qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
@@ -65,10 +66,17 @@ def test_rope_attention_equals_rope_kv_then_attention(pos, gen, device):
     kc2, vc2 = kc.clone(), vc.clone()
     want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
     out = torch.full_like(want, float("nan"))
-    got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, out=out)
+    got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, out=out, block=block)
     assert torch.equal(kc2.cpu(), kc.cpu()) and torch.equal(vc2.cpu(), vc.cpu())
     assert torch.isfinite(got).all()
     assert torch.allclose(got.cpu().float(), want.cpu().float(), atol=2e-3, rtol=1e-2)
+    if pos >= block:  # the per-head counters are left at zero for the next call
+        from kernels.decode_ops import _ATTN_WS
+
+        ws, cnt = _ATTN_WS[(torch.device(device).type, torch.device(device).index)]
+        assert int(cnt.abs().sum()) == 0 and float(ws.abs().sum()) == 0.0
+        got2 = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=block)
+        assert torch.equal(got2.cpu(), got.cpu())
 
 
 def test_silu_mul(gen, device):
