@@ -107,7 +107,7 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
     from . import pdl
 
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if dev is not None and pdl.active(dev) and timer is time_candidates:
+    if dev is not None and pdl.active(dev) and timer is time_candidates and os.environ.get("VLMQ_AUTOTUNE_PDL", "1") != "0":
         # under PDL a kernel overlaps the one before it: time it behind a decode glue kernel
         times = timer(cands, args, before=_pdl_predecessor(args[0]))
     else:

@@ -284,7 +284,7 @@ def _attn_workspace(device: torch.device, n_floats: int, n_heads: int) -> tuple[
 
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
-                   block: int = 64) -> torch.Tensor:
+                   block: int = 64, num_warps: int = 4) -> torch.Tensor:
     """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention), split over
     cache blocks of ``block`` positions: returns ``[B, hq * D]`` and leaves the new k, v in the
     caches at ``pos``."""
@@ -298,5 +298,5 @@ def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
     pdl = pdl_active(qkv.device)
     _rope_attn_kernel[(b, hq, n_blocks)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
                                          d**-0.5, n_blocks, HQ=hq, HKV=hkv, D=d, BL=block, SB=16, PDL=pdl,
-                                         num_warps=4, **launch_kwargs(pdl))
+                                         num_warps=num_warps, **launch_kwargs(pdl))
     return out

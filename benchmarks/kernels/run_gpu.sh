@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab attn ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -57,6 +57,15 @@ for s in $STAGES; do
         | grep -v Warning | tee "$OUT/decode_nopdl.log"
       timeout 150 python3 -m pipeline.evaluate.bench_decode --profile --out "$OUT/decode" 2>&1 | grep -v Warning \
         | tee "$OUT/decode.log" ;;
+    attn)
+      stamp attn
+      timeout 120 python3 benchmarks/kernels/time_attention.py 2>&1 | grep -v Warning | tee "$OUT/attn.log" | head -12 ;;
+    decodeab)  # PDL on, autotuner timing behind a PDL RMSNorm (default) vs each candidate alone
+      stamp decodeab
+      VLMQ_AUTOTUNE_PDL=0 timeout 100 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode_tunealone" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode_tunealone.log"
+      timeout 100 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode_tunepdl" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode_tunepdl.log" ;;
     ncu)
       stamp ncu
       for b in 4 3; do
