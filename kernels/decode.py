@@ -85,9 +85,29 @@ def load_rows(wp, T: tl.constexpr, BITS: tl.constexpr, EVICT: tl.constexpr):
 
 
 @triton.jit
+def store_out(y, offs_m, offs_n, M, N, out_ptr, stride_om, GLU: tl.constexpr):
+    """Round ``y`` [BM, BN] to the output dtype and store it; GLU > 0: the columns are gate and up
+    in alternating blocks of GLU (``interleave_gate_up``), and what is stored is ``silu(gate) * up``
+    at column ``offs_n[0] / 2 + ...`` of an output N / 2 wide (computed as ``silu_mul`` does)."""
+    BM: tl.constexpr = y.shape[0]
+    BN: tl.constexpr = y.shape[1]
+    if GLU:
+        yh = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection's own rounding
+        y4 = tl.permute(tl.reshape(yh, [BM, BN // (2 * GLU), 2, GLU]), (0, 1, 3, 2))
+        g, u = tl.split(y4)  # [BM, BN / (2 GLU), GLU] each
+        a = tl.reshape(g / (1.0 + tl.exp(-g)) * u, [BM, BN // 2])
+        cols = tl.min(offs_n, axis=0) // 2 + tl.arange(0, BN // 2)
+        mask = (offs_m[:, None] < M) & (cols[None, :] < N // 2)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], a.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr, cnt_idx,
-                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """Write ``y`` [BM, BN] (fp32 partial sums) to ``out``.
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr = 0):
+    """Write ``y`` [BM, BN] (fp32 partial sums) to ``out`` (through ``store_out``).
 
     SPLIT: partials of all k-splits are added into a fp32 workspace with atomics; the program
     that arrives last (per-tile counter) reads the sum back (an atomic add of 0, so it is read where the atomics landed), zeroes it, adds the bias, writes
@@ -104,9 +124,9 @@ def splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_pt
             tl.store(wsp, tl.zeros_like(y), mask=mask)
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+            store_out(y, offs_m, offs_n, M, N, out_ptr, stride_om, GLU)
             tl.atomic_xchg(cnt_ptr + cnt_idx, 0)
     else:
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        store_out(y, offs_m, offs_n, M, N, out_ptr, stride_om, GLU)

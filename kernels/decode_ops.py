@@ -12,15 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import active as pdl_active
+from .pdl import mode as pdl_active
 from .pdl import launch_dependents, launch_kwargs, wait_prior
 
 
 @triton.jit
 def _prior_done(PDL: tl.constexpr):
-    """Under PDL: wait for the previous grid, then let the next one be scheduled (these kernels
-    are short; the next one, typically a GEMV, can start streaming its weights meanwhile)."""
-    if PDL:
+    """Under PDL (pdl.mode): wait for the previous grid and let the next one be scheduled, in the
+    order the mode says (these kernels are short; the next one, typically a GEMV, can start
+    streaming its weights meanwhile)."""
+    if PDL == 2:
+        launch_dependents()
+        wait_prior()
+    elif PDL == 1:
         wait_prior()
         launch_dependents()
 
@@ -147,25 +151,45 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr, IL: tl.constexpr, PDL: tl.constexpr):
     _prior_done(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    g = tl.load(gu_ptr + row * 2 * N + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * N + N + offs, mask=mask, other=0.0).to(tl.float32)
+    if IL:  # gate and up alternate in blocks of IL columns
+        gcol = (offs // IL) * (2 * IL) + offs % IL
+        ucol = gcol + IL
+    else:
+        gcol = offs
+        ucol = N + offs
+    g = tl.load(gu_ptr + row * 2 * N + gcol, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * N + ucol, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + offs, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` of a fused ``[B, 2I]`` gate/up output (gate first)."""
+def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None, interleave: int = 0) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused ``[B, 2I]`` gate/up output: gate first, or (``interleave`` > 0)
+    gate and up alternating in blocks of that many columns (``interleave_gate_up``)."""
     m, n2 = gu.shape
     n = n2 // 2
+    if interleave and n2 % (2 * interleave):
+        raise ValueError(f"{n2} gate/up columns are not whole blocks of 2 x {interleave}")
+    gu = gu.contiguous()
     out = torch.empty(m, n, dtype=gu.dtype, device=gu.device) if out is None else out
     pdl = pdl_active(gu.device)
-    _silu_mul_kernel[(m, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, PDL=pdl, num_warps=4,
+    _silu_mul_kernel[(m, triton.cdiv(n, 1024))](gu, out, n, BLOCK=1024, IL=interleave, PDL=pdl, num_warps=4,
                                                 **launch_kwargs(pdl))
     return out
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows of ``gate`` and ``up`` (``[I, ...]`` each) alternating in blocks of ``block``, so one
+    GEMV tile holds the gate and up of the same outputs and can apply silu-mul in its epilogue."""
+    if gate.shape != up.shape or gate.shape[0] % block:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must match, rows a multiple of {block}")
+    i = gate.shape[0]
+    return torch.stack([gate.reshape(i // block, block, *gate.shape[1:]),
+                        up.reshape(i // block, block, *up.shape[1:])], dim=1).reshape(2 * i, *gate.shape[1:])
 
 
 @triton.jit

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from .layout import MAGIC_BITS, PackedWeight
-from .pdl import active as pdl_active
+from .pdl import mode as pdl_mode
 from .pdl import launch_kwargs
 from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config, gemv_h2_config
 
@@ -73,13 +74,32 @@ def h2_applies(x: torch.Tensor, pw: PackedWeight) -> bool:
     return pw.bits in (3, 4) and x.dtype == torch.float16 and pw.in_features % 4 == 0
 
 
+def _check_glu(pw: PackedWeight, glu: int) -> None:
+    if glu and (glu % 32 or pw.out_features % (2 * glu)):
+        raise ValueError(f"glu={glu}: needs a multiple of 32 dividing half of out_features ({pw.out_features})")
+
+
+def _glu_after(y: torch.Tensor, glu: int) -> torch.Tensor:
+    if not glu:
+        return y
+    from .decode_ops import silu_mul
+
+    return silu_mul(y, interleave=glu)
+
+
 def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool | None = None,
+         glu: int = 0) -> torch.Tensor:
     """``x @ W^T (+ bias)`` with a CUDA-core GEMV kernel (meant for M <= 4): the fp16-pair kernel
     where it applies (``cfg.h2``), else the portable fp32 one. ``pdl``: programmatic dependent
-    launch of the fp16-pair kernel (None: as ``kernels.pdl.programmatic_launch`` says)."""
+    launch of the fp16-pair kernel (None: as ``kernels.pdl.programmatic_launch`` says). ``glu``:
+    W's rows are gate/up interleaved in blocks of ``glu`` (``interleave_gate_up``); returns
+    ``silu(gate) * up`` (out_features / 2 wide), in the fp16-pair kernel's epilogue."""
     from .gemv import gemv_kernel
 
+    _check_glu(pw, glu)
+    if glu and out is None:
+        out = torch.empty(x.shape[0], pw.out_features // 2, dtype=x.dtype, device=x.device)
     x, out, zero, b = _common(x, pw, bias, out)
     m, n = x.shape[0], pw.out_features
     plan = pw.plan
@@ -89,6 +109,10 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     h2 = h2_applies(x, pw) if cfg.h2 is None else cfg.h2
     if h2 and not h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
+    if glu and not h2:  # the portable kernel has no GLU epilogue: a second launch
+        return silu_mul_into(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl), out, glu)
+    if glu and cfg.BN % (2 * glu):
+        raise ValueError(f"GEMV BN={cfg.BN} must hold whole gate/up block pairs (2 x {glu})")
     per_channel = pw.group_size is None
     r = cfg.R if per_channel else min(cfg.R, pw.group_rows)  # grouped: inside one group
     if pw.tile % cfg.BN:
@@ -105,14 +129,14 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         from .gemv_h2 import gemv_h2_kernel
 
         xq = (x if x.data_ptr() % 8 == 0 else x.clone()).view(torch.int64)
-        pdl = pdl_active(x.device) if pdl is None else pdl and pdl_active(x.device, force=True)
+        pdl = pdl_mode(x.device) if pdl is None else pdl_mode(x.device, force=True) if pdl else 0
         gemv_h2_kernel[(n_tiles, split, m_blocks)](
             xq, pw.words, pw.scale, zero, b, out, ws, cnt,
             m, n, k // 4, xq.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
-            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, num_warps=cfg.num_warps,
+            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out
@@ -125,6 +149,12 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
+
+
+def silu_mul_into(y: torch.Tensor, out: torch.Tensor, glu: int) -> torch.Tensor:
+    from .decode_ops import silu_mul
+
+    return silu_mul(y, out=out, interleave=glu)
 
 
 def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
@@ -249,18 +279,19 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
-def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, object]]:
+def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0) -> list[tuple[str, object]]:
     """What the autotuner tries for one M (each entry ``fn(x, pw, bias)``); small on purpose.
-    ``fp16_pairs``: the fp16-pair GEMV applies (W4/W3, fp16 x)."""
+    ``fp16_pairs``: the fp16-pair GEMV applies (W4/W3, fp16 x). ``glu``: each returns silu(gate) *
+    up (the fp16-pair GEMV in its epilogue, every other path by a second launch)."""
     c: list[tuple[str, object]] = []
 
     def gv(**kw):
         cfg = GemvConfig(**kw)
-        return lambda x, pw, b: gemv(x, pw, b, cfg=cfg)
+        return lambda x, pw, b: gemv(x, pw, b, cfg=cfg, glu=glu)
 
     def gm(**kw):
         cfg = GemmConfig(**kw)
-        return lambda x, pw, b: gemm(x, pw, b, cfg=cfg)
+        return lambda x, pw, b: _glu_after(gemm(x, pw, b, cfg=cfg), glu)
 
     if m <= 4 and fp16_pairs:  # gemv_h2.py; run 4 sweep (8192->28672): BN64 best for W4 and W3
         rs = (4, 2) if bits == 3 else (16, 8)
@@ -269,6 +300,10 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, 
         c += [(f"h2 BN{bn} R{r} w4 x{wv}", gv(BN=bn, R=r, num_warps=4, waves=wv, h2=True))
               for bn, r, wv in ((64, rs[0], 8), (64, rs[0], 6), (64, rs[0], 16), (64, rs[0], 4), (128, rs[1], 16),
                                 (128, rs[0], 4), (128, rs[0], 6), (128, rs[0], 8))]
+        # two iterations in flight: lost on 8192->28672 (run 5: registers cut the programs per SM),
+        # tried for the decode layers, whose programs run only a few iterations each
+        c += [(f"h2 BN64 R{rs[0]} w4 x{wv} d2", gv(BN=64, R=rs[0], num_warps=4, waves=wv, h2=True, depth=2))
+              for wv in (4, 8)]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway
@@ -291,25 +326,26 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False) -> list[tuple[str, 
         c += [("gemm BM128 BN128 BK64 w8", gm(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm trans BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, trans=True)),
-              ("dequant + cuBLAS", lambda x, pw, b: gemm_dequant(x, pw, b))]
+              ("dequant + cuBLAS", lambda x, pw, b: _glu_after(gemm_dequant(x, pw, b), glu))]
     return c
 
 
-def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, glu: int = 0) -> torch.Tensor:
     """The dispatcher. On CUDA the first call of each (scheme, M bucket, N, K) times a few
     candidate paths and configs (``kernels.autotune``) and keeps the fastest; elsewhere, or with
-    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, else the tensor-core GEMM."""
+    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, else the tensor-core GEMM. ``glu``: see ``gemv``."""
     from . import autotune
 
+    _check_glu(pw, glu)
     m = x.shape[0]
     if autotune.enabled(x):
         key = ("a16", pw.bits, pw.group_size, pw.symmetric, x.dtype, autotune.m_bucket(m), pw.out_features,
-               pw.in_features, x.device.index, pdl_active(x.device))
-        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw)), (x, pw, bias))
+               pw.in_features, x.device.index, glu, pdl_mode(x.device))
+        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu), (x, pw, bias))
         if fn is not None:
             return fn(x, pw, bias)
     if m <= GEMV_MAX_M:
-        return gemv(x, pw, bias)
+        return gemv(x, pw, bias, glu=glu)
     if x.shape[0] >= DEQUANT_MIN_M:
-        return gemm_dequant(x, pw, bias)
-    return gemm(x, pw, bias)
+        return _glu_after(gemm_dequant(x, pw, bias), glu)
+    return _glu_after(gemm(x, pw, bias), glu)

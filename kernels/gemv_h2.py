@@ -351,7 +351,7 @@ def gemv_h2_kernel(
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-    DEPTH: tl.constexpr, PDL: tl.constexpr = False,
+    DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -360,8 +360,10 @@ def gemv_h2_kernel(
     of iteration ``it + DEPTH`` (1 or 2) are issued before iteration ``it`` is computed: Triton
     pipelines no load that feeds no ``tl.dot``, and a GEMV that waits for each load runs at the
     latency, not the bandwidth, of memory. EVEN: no m or k masks needed.
-    PDL (pdl.py): the first iteration's weights are requested before waiting for the previous grid,
-    x only after; the next grid may be scheduled once every program has left the loop."""
+    PDL (pdl.py, 0 off, 1 late, 2 early): the first iteration's weights are requested before waiting
+    for the previous grid, x only after; the next grid may be scheduled once every program has left
+    the loop (1) or has requested its first weights (2). GLU > 0: the output is silu(gate) * up of
+    gate/up columns interleaved in blocks of GLU (decode.store_out), N / 2 wide."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     QPR: tl.constexpr = 8 if BITS == 3 else 2  # int64 words of x per decode row
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
@@ -394,14 +396,16 @@ def gemv_h2_kernel(
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
     a0, a1, a2, a_s, a_z = _stage_w(it0, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS,
                                     T, R, EVICT)
+    if PDL == 2:
+        launch_dependents()
     if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
         xbase = xbase + wait_prior()
     aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7 = _load_x(xbase + it0 * (R * QPR), x_ptr, qi0 + it0 * (R * QPR), M, K4,
-                                                     m3, QPR, EVEN, ASM, not PDL)
+                                                     m3, QPR, EVEN, ASM, PDL == 0)
     if DEPTH == 2:
         b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
             tl.minimum(it0 + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-            BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, not PDL)
+            BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
     y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
     for it in range(it0, it1):
         w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
@@ -412,11 +416,11 @@ def gemv_h2_kernel(
                                                                             bq5, bq6, bq7, b_s, b_z)
             b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
                 tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, not PDL)
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
         else:
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
                 tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
-                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, not PDL)
+                BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
         if not PER_CHANNEL:
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
         r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
@@ -424,10 +428,10 @@ def gemv_h2_kernel(
             y3 += r
         else:
             y3 += r * s.to(tl.float32)
-    if PDL:
+    if PDL == 1:
         launch_dependents()
     y = tl.sum(y3, axis=1)  # [BM, BN]
     if PER_CHANNEL:
         y = y * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
     splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                    pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT)
+                    pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU)

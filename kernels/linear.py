@@ -17,10 +17,13 @@ from .layout import DEFAULT_TILE, PackedWeight, pack, unpack
 class QuantLinear(nn.Module):
     """``y = x @ W_hat^T + b`` with ``W_hat = (q - zero) * scale`` stored packed."""
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, act_bits: int = 16):
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, act_bits: int = 16, glu: int = 0):
         super().__init__()
         if act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+        if glu and (act_bits != 16 or glu % 32 or packed.out_features % (2 * glu)):
+            raise ValueError(f"glu={glu} needs 16-bit activations and gate/up blocks (a multiple of 32) that "
+                             f"tile out_features={packed.out_features}")
         if act_bits == 8 and (not packed.symmetric or packed.group_size is not None or packed.bits == 3):
             raise ValueError("8-bit activations need symmetric per-channel 2/4/8-bit weights (W4A8)")
         self.in_features = packed.in_features
@@ -30,6 +33,9 @@ class QuantLinear(nn.Module):
         self.symmetric = packed.symmetric
         self.act_bits = act_bits
         self.tile = packed.tile
+        # > 0: a fused gate/up projection, rows interleaved in blocks of ``glu`` (interleave_gate_up);
+        # forward returns silu(gate) * up, out_features / 2 wide
+        self.glu = glu
         self.register_buffer("words", packed.words)
         self.register_buffer("scale", packed.scale)
         self.register_buffer("zero", packed.zero)
@@ -37,8 +43,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qweight, bias: torch.Tensor | None = None, act_bits: int = 16,
-                       tile: int = DEFAULT_TILE) -> "QuantLinear":
-        """Repack a ``pipeline.quant.quantizer.QuantizedWeight`` (kept on its device)."""
+                       tile: int = DEFAULT_TILE, glu: int = 0) -> "QuantLinear":
+        """Repack a ``pipeline.quant.quantizer.QuantizedWeight`` (kept on its device). ``glu``: the
+        rows are a gate and an up projection interleaved in blocks of ``glu``
+        (``kernels.decode_ops.interleave_gate_up``) and forward returns ``silu(gate) * up``."""
         from pipeline.errors import VlmqError
 
         s = qweight.scheme
@@ -53,7 +61,7 @@ class QuantLinear(nn.Module):
         if bias is not None and bias.shape != (qweight.shape[0],):
             raise VlmqError(f"bias has shape {tuple(bias.shape)}, expected ({qweight.shape[0]},)",
                             "pass the Linear's own bias or None")
-        return cls(pack(qweight, tile=tile), bias, act_bits)
+        return cls(pack(qweight, tile=tile), bias, act_bits, glu)
 
     @property
     def packed(self) -> PackedWeight:
@@ -74,18 +82,19 @@ class QuantLinear(nn.Module):
         from . import dispatch
 
         lead = x.shape[:-1]
+        n_out = self.out_features // 2 if self.glu else self.out_features
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
-            return x.new_empty(*lead, self.out_features)
+            return x.new_empty(*lead, n_out)
         if x.device.type != "cuda" and not dispatch.interpreting():
-            return self._torch_forward(x2).reshape(*lead, self.out_features)
+            return self._torch_forward(x2).reshape(*lead, n_out)
         # the kernels take 16-bit activations; others (an fp32 model) run in the scale's dtype
         xk = x2 if x2.dtype in (torch.float16, torch.bfloat16) else x2.to(self._kernel_dtype())
         if self.act_bits == 8:
             y = dispatch.w4a8(xk, self.packed, self.bias)
         else:
-            y = dispatch.matmul(xk, self.packed, self.bias)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+            y = dispatch.matmul(xk, self.packed, self.bias, glu=self.glu)
+        return y.to(x.dtype).reshape(*lead, n_out)
 
     def _kernel_dtype(self) -> torch.dtype:
         return self.scale.dtype if self.scale.dtype in (torch.float16, torch.bfloat16) else torch.float16
@@ -101,9 +110,14 @@ class QuantLinear(nn.Module):
         y = xin @ self.dequantize(torch.float32).t()
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x2.dtype)
+        y = y.to(x2.dtype)
+        if self.glu:
+            g, u = y.float().reshape(y.shape[0], -1, 2, self.glu).unbind(2)
+            y = (torch.nn.functional.silu(g) * u).reshape(y.shape[0], -1).to(x2.dtype)
+        return y
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
         return (f"in={self.in_features}, out={self.out_features}, w{self.bits}a{self.act_bits}, group={g}, "
-                f"{'sym' if self.symmetric else 'asym'}, bias={self.bias is not None}")
+                f"{'sym' if self.symmetric else 'asym'}, bias={self.bias is not None}"
+                + (f", glu={self.glu}" if self.glu else ""))

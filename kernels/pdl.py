@@ -52,7 +52,16 @@ def active(device: torch.device, force: bool = False) -> bool:
     return _supported(device.index)
 
 
-def launch_kwargs(on: bool) -> dict:
+def mode(device: torch.device, force: bool = False) -> int:
+    """The kernels' PDL constexpr: 0 off; 1 release the next grid late (a GEMV after its loop, a glue
+    kernel after its wait); 2 early (before waiting: the grid after next may then start fetching
+    weights while this one's predecessor still runs). ``VLMQ_PDL_TRIGGER=early`` picks 2."""
+    if not active(device, force):
+        return 0
+    return 2 if os.environ.get("VLMQ_PDL_TRIGGER", "late") == "early" else 1
+
+
+def launch_kwargs(on: bool | int) -> dict:
     return {"launch_pdl": True} if on else {}
 
 

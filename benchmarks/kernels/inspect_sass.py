@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--sass", action="store_true", help="print the hot loop")
     ap.add_argument("--trans", action="store_true")
     ap.add_argument("--uneven", action="store_true", help="masked x loads")
-    ap.add_argument("--pdl", action="store_true", help="gemv_h2: programmatic dependent launch (kernels/pdl.py)")
+    ap.add_argument("--pdl", type=int, default=0, help="gemv_h2: programmatic dependent launch mode (kernels/pdl.py)")
+    ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
     sig = dict(GEMV_SIG)
@@ -147,7 +148,7 @@ def main() -> None:
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 not in ("magic", "K")}, "n_iters": "i32", "K4": "i32",
                "x_ptr": "*i64"}
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r,
-                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, PDL=a.pdl)
+                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, PDL=a.pdl, GLU=a.glu)
         k = compile_kernel(gemv_h2_kernel, sig, c, a.warps)
         vals = a.r * a.bn * v
     elif a.kernel == "gemv":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab attn ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab decodetrig attn ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -66,6 +66,10 @@ for s in $STAGES; do
         | grep -v Warning | tee "$OUT/decode_tunealone.log"
       timeout 100 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode_tunepdl" 2>&1 \
         | grep -v Warning | tee "$OUT/decode_tunepdl.log" ;;
+    decodetrig)  # PDL releasing the next grid early (before the wait) instead of late
+      stamp decodetrig
+      VLMQ_PDL_TRIGGER=early timeout 100 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode_early" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode_early.log" ;;
     ncu)
       stamp ncu
       for b in 4 3; do

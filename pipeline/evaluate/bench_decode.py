@@ -6,7 +6,10 @@ decoder Linears become our ``QuantLinear`` (q/k/v and gate/up fused, as inferenc
 for the baseline, fp16 ``nn.Linear`` (cuBLAS), all filled with random values. Embeddings, norms
 and ``lm_head`` stay fp16 in every variant. One decode step (embedding, 28 layers, final norm,
 lm_head, greedy argmax, position + 1) is captured in one CUDA graph over a static KV cache and
-replayed step after step, so kernels, not Python, are what is timed.
+replayed step after step, so kernels, not Python, are what is timed. Our kernels launch with
+programmatic dependent launch (kernels/pdl.py; ``--no-pdl`` to compare), the packed gate/up GEMV
+applies silu-mul in its epilogue, and rotary + KV write + attention are one launch split over
+cache blocks; the fp16 baseline shares every glue kernel.
 
     python -m pipeline.evaluate.bench_decode --out bench-out            # batch 1 and 8, fp16/W4/W3
 """
@@ -63,7 +66,7 @@ def config_for(tiny: bool, layers: int = 0):
 
 
 def _random_qlinear(k: int, n: int, bits: int, group: int | None, sym: bool, act_bits: int, device, gen,
-                    bias=None):
+                    bias=None, glu: int = 0):
     import torch
 
     from kernels import QuantLinear
@@ -75,7 +78,10 @@ def _random_qlinear(k: int, n: int, bits: int, group: int | None, sym: bool, act
     scale = (torch.rand(n, ng, device=device, generator=gen) * 0.004 + 0.001).half()
     zero = None if sym else torch.randint(0, 2**bits, (n, ng), dtype=torch.int16, device=device, generator=gen)
     qw = QuantizedWeight(q, scale, zero, QuantScheme(bits, group, sym))
-    return QuantLinear.from_quantized(qw, bias, act_bits=act_bits)
+    return QuantLinear.from_quantized(qw, bias, act_bits=act_bits, glu=glu)
+
+
+GLU_BLOCK = 32  # gate/up rows interleaved in blocks of 32: the GEMV applies silu-mul in its epilogue
 
 
 class DecodeModel:
@@ -108,9 +114,14 @@ class DecodeModel:
                 return None
             return hf_model.get_parameter(path).detach().to(device=device, dtype=self.dtype)
 
-        def linear(paths: list[str], k: int, n: int, has_bias: bool):
+        def linear(paths: list[str], k: int, n: int, has_bias: bool, glu: int = 0):
             ws = [weight_of(p + ".weight") for p in paths]
-            w = torch.cat(ws) if ws[0] is not None else rnd(n, k)
+            if glu and ws[0] is not None:
+                from kernels.decode_ops import interleave_gate_up
+
+                w = interleave_gate_up(ws[0], ws[1], glu)
+            else:
+                w = torch.cat(ws) if ws[0] is not None else rnd(n, k)
             b = None
             if has_bias:
                 bs = [weight_of(p + ".bias") for p in paths]
@@ -127,12 +138,12 @@ class DecodeModel:
             grp = None if act_bits == 8 else group
             sym = act_bits == 8
             if hf_model is None:
-                return _random_qlinear(k, n, bits, grp, sym, act_bits, device, gen, b)
+                return _random_qlinear(k, n, bits, grp, sym, act_bits, device, gen, b, glu)
             from kernels import QuantLinear
             from pipeline.quant.quantizer import QuantScheme, quantize_weight
 
             return QuantLinear.from_quantized(quantize_weight(w.float(), QuantScheme(bits, grp, sym), self.dtype),
-                                              b, act_bits=act_bits)
+                                              b, act_bits=act_bits, glu=glu)
 
         if hf_model is None:  # the module tree (shapes, biases) of the real model, without weights
             from transformers import Qwen2ForCausalLM
@@ -146,6 +157,8 @@ class DecodeModel:
             mods = [meta.get_submodule(p) for p in paths]
             return mods[0].in_features, sum(m.out_features for m in mods), mods[0].bias is not None
 
+        # packed variants fuse silu-mul into the gate/up GEMV (W4A8 and fp16 keep a separate launch)
+        self.glu = GLU_BLOCK if variant != "fp16" and not variant.endswith("a8") else 0
         self.layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -155,7 +168,7 @@ class DecodeModel:
                 "qkv": linear(qkv := [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
                               *dims(qkv)),
                 "o": linear([p + "self_attn.o_proj"], *dims([p + "self_attn.o_proj"])),
-                "gate_up": linear(gu := [p + "mlp.gate_proj", p + "mlp.up_proj"], *dims(gu)),
+                "gate_up": linear(gu := [p + "mlp.gate_proj", p + "mlp.up_proj"], *dims(gu), glu=self.glu),
                 "down": linear([p + "mlp.down_proj"], *dims([p + "mlp.down_proj"])),
                 "k_cache": torch.zeros(batch, self.hkv, max_len, self.d, dtype=self.dtype, device=device),
                 "v_cache": torch.zeros(batch, self.hkv, max_len, self.d, dtype=self.dtype, device=device),
@@ -192,7 +205,8 @@ class DecodeModel:
             qkv = lay["qkv"](normed)
             attn = rope_attention(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq, self.hkv)
             normed = add_rmsnorm(lay["o"](attn), res, lay["post_norm"], self.eps)
-            mlp = lay["down"](silu_mul(lay["gate_up"](normed)))
+            act = lay["gate_up"](normed) if self.glu else silu_mul(lay["gate_up"](normed))
+            mlp = lay["down"](act)
             nxt = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
             normed = add_rmsnorm(mlp, res, nxt, self.eps)
         self.logits = torch.nn.functional.linear(normed, self.lm_head)
@@ -255,7 +269,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
               pdl: bool = True, profile: bool = False) -> dict:
     import torch
 
-    from kernels.pdl import programmatic_launch
+    from kernels.pdl import mode, programmatic_launch
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -265,6 +279,8 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
     gen.manual_seed(1)
     model.fill_cache(context, gen)
     model.tokens.copy_(torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen))
+    with programmatic_launch(pdl):
+        pdl_mode = mode(torch.device("cuda"))
     with torch.no_grad(), programmatic_launch(pdl):
         for _ in range(2):  # eager: compiles kernels, sizes the split-K workspace
             model.step()
@@ -288,7 +304,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
         b.synchronize()
     ms = a.elapsed_time(b) / steps
     prof = profile_graph(g, 8) if profile else None
-    r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "pdl": pdl, "ms_per_step": ms,
+    r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "pdl": pdl_mode, "ms_per_step": ms,
          "tokens_per_s": batch * 1000.0 / ms, "weights_gb": model.weight_bytes() / 1e9,
          "peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
          "finite": bool(torch.isfinite(model.logits).all())}
@@ -299,7 +315,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
 
         r["picked"] = {f"{k[7]}->{k[6]}": name for k, name in autotune.chosen().items()
                        if k[0] == "a16" and k[1] == int(variant[1]) and k[5] == autotune.m_bucket(batch)
-                       and k[-1] == (pdl and torch.cuda.get_device_capability()[0] >= 9)}
+                       and k[-1] == pdl_mode}
     del g, model
     torch.cuda.empty_cache()
     return r
@@ -308,7 +324,8 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
              f"{meta['transformers']}; {meta['date']}; model {meta['model']}; context {meta['context']}, "
-             f"{meta['steps']} steps; programmatic dependent launch {'on' if meta.get('pdl') else 'off'}.", "",
+             f"{meta['steps']} steps; programmatic dependent launch "
+             f"{('on, ' + meta.get('pdl_trigger', 'late') + ' release') if meta.get('pdl') else 'off'}.", "",
              "| variant | batch | ms / step | tokens/s | x fp16 | weights GB | peak GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -351,7 +368,8 @@ def run(args) -> int:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
             "model": "tiny" if args.tiny else f"Qwen2-7B shape ({config.num_hidden_layers} layers)",
-            "context": args.context, "steps": args.steps, "pdl": args.pdl, "cmd": " ".join(sys.argv)}
+            "context": args.context, "steps": args.steps, "pdl": args.pdl,
+            "pdl_trigger": os.environ.get("VLMQ_PDL_TRIGGER", "late"), "cmd": " ".join(sys.argv)}
     rows, base = [], {}
     for batch in args.batch:
         for v in args.variants:
