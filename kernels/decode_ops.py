@@ -194,99 +194,113 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, block: int) -> torc
 
 @triton.jit
 def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr, ws_ptr, cnt_ptr, stride_qkv, L,
-                      scale, S, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
-                      SB: tl.constexpr, PDL: tl.constexpr):
-    """Program (b, h, s): rotary on q head h and on its kv head's new k (every program; cheap), then
-    attention of that q over cache block s (positions [s BL, s BL + BL) below ``pos``) plus, in the
-    block holding ``pos``, the new token from registers -- so no program waits for another's cache
-    write; program (b, h0 of the kv group, 0) writes the new k and v into the caches.
+                      scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+                      NS: tl.constexpr, GP: tl.constexpr, GM: tl.constexpr, PDL: tl.constexpr):
+    """Program (b, kv head j, split s): rotary on the G = HQ / HKV query heads of j (rows of a
+    [GP >= 16, D] tile, for ``tl.dot``) and on j's new k; attention of those heads over the cache
+    blocks of split s (positions below ``pos``) plus, in the last split, the new token from
+    registers -- so no program waits for another's cache write; split 0 writes the new k and v.
 
-    Why split the positions: one program per head walking the whole cache took 15 µs per layer at
-    a 128-256 token context on the H100 (28 programs, each a chain of dependent loads), a sixth of
-    a W4 decode step. Blocks past ``pos`` exit at once; with more than one block, each writes
-    (max, sum, acc) to ``ws`` and the program that arrives last (per-head counter) merges them."""
+    Why this shape: one program per query head walking the cache took 12-15 µs per layer on the
+    H100 (a chain of dependent loads, and ~2000 instructions per warp: ncu, run 8), a seventh of a
+    W4 decode step. Here each K/V block is read once for its whole GQA group and the scores and the
+    P.V products run on tensor cores; the blocks below ``pos`` are spread over at most NS splits
+    (splits past the work exit at once), each writes (max, sum, acc) per head to ``ws``, and the
+    split that arrives last (per-group counter) merges them."""
     _prior_done(PDL)
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    j = tl.program_id(1)
     sid = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
-    j = h // G
     p = tl.load(pos_ptr)
-    n_act = p // BL + 1  # blocks holding any of the positions [0, p]
+    nb = p // BL + 1  # blocks holding positions [0, p]
+    per = (nb + NS - 1) // NS
+    n_act = (nb + per - 1) // per  # splits with work
     if sid < n_act:
+        gi = tl.arange(0, GP)
+        gm = gi < G
+        qh = j * G + gi
         half = tl.arange(0, D // 2)
         d = tl.arange(0, D)
         ang = p.to(tl.float32) * tl.load(inv_freq_ptr + half)
         c = tl.cos(ang)
         sn = tl.sin(ang)
         row = qkv_ptr + b * stride_qkv
-        q1 = tl.load(row + h * D + half).to(tl.float32)
-        q2 = tl.load(row + h * D + D // 2 + half).to(tl.float32)
-        # q and k rounded to the model dtype after the rotation, as when they pass through memory
-        qr1 = (q1 * c - q2 * sn).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
-        qr2 = (q2 * c + q1 * sn).to(out_ptr.dtype.element_ty).to(tl.float32) * scale
+        q1 = tl.load(row + qh[:, None] * D + half[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(row + qh[:, None] * D + D // 2 + half[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+        # q and k rounded to the cache dtype after the rotation, as when they pass through memory
+        qa = (q1 * c[None, :] - q2 * sn[None, :]).to(k_cache.dtype.element_ty)
+        qb = (q2 * c[None, :] + q1 * sn[None, :]).to(k_cache.dtype.element_ty)
         k1 = tl.load(row + (HQ + j) * D + half).to(tl.float32)
         k2 = tl.load(row + (HQ + j) * D + D // 2 + half).to(tl.float32)
         kr1 = (k1 * c - k2 * sn).to(k_cache.dtype.element_ty)
         kr2 = (k2 * c + k1 * sn).to(k_cache.dtype.element_ty)
         vn = tl.load(row + (HQ + HKV + j) * D + d)
-        kb = k_cache + (b * HKV + j) * L * D
-        vb = v_cache + (b * HKV + j) * L * D
-        if (h % G == 0) & (sid == 0):
-            tl.store(kb + p * D + half, kr1)
-            tl.store(kb + p * D + D // 2 + half, kr2)
-            tl.store(vb + p * D + d, vn.to(v_cache.dtype.element_ty))
-        ls = sid * BL + tl.arange(0, BL)
-        lm = ls < p
-        ka = tl.load(kb + ls[:, None] * D + half[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-        kz = tl.load(kb + ls[:, None] * D + D // 2 + half[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-        v = tl.load(vb + ls[:, None] * D + d[None, :], mask=lm[:, None], other=0.0).to(tl.float32)
-        sc = tl.where(lm, tl.sum(ka * qr1[None, :], axis=1) + tl.sum(kz * qr2[None, :], axis=1), -float("inf"))
-        s_new = tl.sum(kr1.to(tl.float32) * qr1, axis=0) + tl.sum(kr2.to(tl.float32) * qr2, axis=0)
-        s_new = tl.where(sid == n_act - 1, s_new, -float("inf"))  # the new token lives in the last block
-        m = tl.maximum(tl.max(sc, axis=0), s_new)  # finite: a block below the last is full
-        pr = tl.exp(sc - m)
-        pn = tl.exp(s_new - m)
-        acc = tl.sum(pr[:, None] * v, axis=0) + pn * vn.to(tl.float32)
-        lsum = tl.sum(pr, axis=0) + pn
-        dst = out_ptr + (b * HQ + h) * D + d
+        kbase = k_cache + (b * HKV + j) * L * D
+        vbase = v_cache + (b * HKV + j) * L * D
+        if sid == 0:
+            tl.store(kbase + p * D + half, kr1)
+            tl.store(kbase + p * D + D // 2 + half, kr2)
+            tl.store(vbase + p * D + d, vn.to(v_cache.dtype.element_ty))
+        # the new token opens the last split's softmax (every other block below it is full)
+        s_new = (tl.sum(qa.to(tl.float32) * kr1.to(tl.float32)[None, :], axis=1)
+                 + tl.sum(qb.to(tl.float32) * kr2.to(tl.float32)[None, :], axis=1)) * scale
+        last = sid == n_act - 1
+        m_i = tl.where(last, s_new, -float("inf"))
+        l_i = tl.where(last, 1.0, 0.0) + tl.zeros([GP], tl.float32)
+        acc = tl.where(last, 1.0, 0.0) * vn.to(tl.float32)[None, :] + tl.zeros([GP, D], tl.float32)
+        b1 = tl.minimum(sid * per + per, nb)
+        for blk in range(sid * per, b1):
+            ls = blk * BL + tl.arange(0, BL)
+            lm = ls < p
+            ka = tl.load(kbase + ls[:, None] * D + half[None, :], mask=lm[:, None], other=0.0)
+            kz = tl.load(kbase + ls[:, None] * D + D // 2 + half[None, :], mask=lm[:, None], other=0.0)
+            v = tl.load(vbase + ls[:, None] * D + d[None, :], mask=lm[:, None], other=0.0)
+            sc = (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))) * scale  # [GP, BL]
+            sc = tl.where(lm[None, :], sc, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            pr = tl.exp(sc - m_new[:, None])
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            m_i = m_new
         if n_act == 1:
-            tl.store(dst, (acc / lsum).to(out_ptr.dtype.element_ty))
+            tl.store(out_ptr + (b * HQ + qh)[:, None] * D + d[None, :],
+                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None])
         else:
-            head = b * HQ + h
-            wp = ws_ptr + (head * S + sid) * (D + 2)
-            # added into the zeroed workspace: atomics land in L2, where the last program reads them
-            # back and zeroes them again (as the split-K epilogue does)
-            tl.atomic_add(wp + 2 + d, acc)
-            tl.atomic_add(wp + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m, lsum))
+            # added into the zeroed workspace (relaxed atomics land in L2; the counter's acq_rel
+            # atomic after the barrier orders them); the merging split reads them back and re-zeroes
+            wp = ws_ptr + ((b * HQ + qh) * NS + sid) * (D + 2)
+            tl.atomic_add(wp[:, None] + 2 + d[None, :], acc, mask=gm[:, None], sem="relaxed")
+            tl.atomic_add(wp, m_i, mask=gm, sem="relaxed")
+            tl.atomic_add(wp + 1, l_i, mask=gm, sem="relaxed")
             tl.debug_barrier()
-            old = tl.atomic_add(cnt_ptr + head, 1)
+            grp = b * HKV + j
+            old = tl.atomic_add(cnt_ptr + grp, 1)
             if old == n_act - 1:
-                mx = tl.full([1], float("-inf"), tl.float32)
-                num = tl.zeros([D], dtype=tl.float32)
-                den = tl.zeros([1], dtype=tl.float32)
-                for s0 in range(0, n_act, SB):
-                    ss = s0 + tl.arange(0, SB)
-                    sm = ss < n_act
-                    base = ws_ptr + (head * S + ss) * (D + 2)
-                    ms = tl.atomic_add(base, tl.zeros([SB], tl.float32), mask=sm)
-                    ms = tl.where(sm, ms, -float("inf"))  # masked atomics return anything
-                    lsm = tl.atomic_add(base + 1, tl.zeros([SB], tl.float32), mask=sm)
-                    lsm = tl.where(sm, lsm, 0.0)
-                    accs = tl.atomic_add(base[:, None] + 2 + d[None, :], tl.zeros([SB, D], tl.float32),
-                                         mask=sm[:, None])
-                    accs = tl.where(sm[:, None], accs, 0.0)
-                    tl.store(base, tl.zeros([SB], tl.float32), mask=sm)
-                    tl.store(base + 1, tl.zeros([SB], tl.float32), mask=sm)
-                    tl.store(base[:, None] + 2 + d[None, :], tl.zeros([SB, D], tl.float32), mask=sm[:, None])
-                    mx_new = tl.maximum(mx, tl.max(ms, axis=0))
-                    alpha = tl.exp(mx - mx_new)
-                    wgt = tl.where(sm, tl.exp(ms - mx_new), 0.0)
-                    num = num * alpha + tl.sum(wgt[:, None] * accs, axis=0)
-                    den = den * alpha + tl.sum(wgt * lsm, axis=0)
-                    mx = mx_new
-                tl.store(dst, (num / den).to(out_ptr.dtype.element_ty))
-                tl.atomic_xchg(cnt_ptr + head, 0)
+                r = tl.arange(0, GM * NS)  # row = head * NS + split
+                rh = r // NS
+                rm = (rh < G) & (r % NS < n_act)
+                rp = ws_ptr + ((b * HQ + j * G + rh) * NS + r % NS) * (D + 2)
+                ms = tl.atomic_add(rp, tl.zeros([GM * NS], tl.float32), mask=rm, sem="relaxed")
+                lsm = tl.atomic_add(rp + 1, tl.zeros([GM * NS], tl.float32), mask=rm, sem="relaxed")
+                accs = tl.atomic_add(rp[:, None] + 2 + d[None, :], tl.zeros([GM * NS, D], tl.float32),
+                                     mask=rm[:, None], sem="relaxed")
+                tl.store(rp, tl.zeros([GM * NS], tl.float32), mask=rm)
+                tl.store(rp + 1, tl.zeros([GM * NS], tl.float32), mask=rm)
+                tl.store(rp[:, None] + 2 + d[None, :], tl.zeros([GM * NS, D], tl.float32), mask=rm[:, None])
+                ms = tl.reshape(tl.where(rm, ms, -float("inf")), [GM, NS])  # masked atomics return anything
+                lsm = tl.reshape(tl.where(rm, lsm, 0.0), [GM, NS])
+                accs = tl.reshape(tl.where(rm[:, None], accs, 0.0), [GM, NS, D])
+                mx = tl.max(ms, axis=1)  # [GM]; -inf only for padding heads
+                mx = tl.where(mx == -float("inf"), 0.0, mx)
+                w = tl.exp(ms - mx[:, None])  # [GM, NS]
+                num = tl.sum(w[:, :, None] * accs, axis=1)  # [GM, D]
+                den = tl.sum(w * lsm, axis=1)
+                hh = tl.arange(0, GM)
+                tl.store(out_ptr + (b * HQ + j * G + hh)[:, None] * D + d[None, :],
+                         (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=(hh < G)[:, None])
+                tl.atomic_xchg(cnt_ptr + grp, 0)
 
 
 _ATTN_WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -308,19 +322,24 @@ def _attn_workspace(device: torch.device, n_floats: int, n_heads: int) -> tuple[
 
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
-                   block: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention), split over
-    cache blocks of ``block`` positions: returns ``[B, hq * D]`` and leaves the new k, v in the
-    caches at ``pos``."""
+                   block: int = 64, splits: int = 8, num_warps: int = 4) -> torch.Tensor:
+    """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention): one
+    program per (sequence, kv head, split), the cache blocks of ``block`` positions spread over at
+    most ``splits`` of them. Returns ``[B, hq * D]`` and leaves the new k, v in the caches at
+    ``pos``. Head dim a power of 2 >= 16 and ``block`` >= 16 (tensor-core tiles)."""
     b = qkv.shape[0]
     d, length = k_cache.shape[-1], k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if d < 16 or d & (d - 1) or block < 16 or block & (block - 1):
+        raise ValueError(f"head dim ({d}) and block ({block}) must be powers of 2, at least 16")
+    g = hq // hkv
+    ns = triton.next_power_of_2(max(1, min(splits, triton.cdiv(length, block))))
     out = torch.empty(b, hq * d, dtype=qkv.dtype, device=qkv.device) if out is None else out
-    n_blocks = triton.cdiv(length, block)
-    ws, cnt = _attn_workspace(qkv.device, b * hq * n_blocks * (d + 2), b * hq)
+    ws, cnt = _attn_workspace(qkv.device, b * hq * ns * (d + 2), b * hkv)
     pdl = pdl_active(qkv.device)
-    _rope_attn_kernel[(b, hq, n_blocks)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
-                                         d**-0.5, n_blocks, HQ=hq, HKV=hkv, D=d, BL=block, SB=16, PDL=pdl,
-                                         num_warps=num_warps, **launch_kwargs(pdl))
+    _rope_attn_kernel[(b, hkv, ns)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
+                                    d**-0.5, HQ=hq, HKV=hkv, D=d, BL=block, NS=ns,
+                                    GP=max(16, triton.next_power_of_2(g)), GM=triton.next_power_of_2(g), PDL=pdl,
+                                    num_warps=num_warps, **launch_kwargs(pdl))
     return out

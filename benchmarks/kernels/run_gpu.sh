@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the issue's kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab decodetrig attn ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -59,7 +59,7 @@ for s in $STAGES; do
         | tee "$OUT/decode.log" ;;
     attn)
       stamp attn
-      timeout 120 python3 benchmarks/kernels/time_attention.py 2>&1 | grep -v Warning | tee "$OUT/attn.log" | head -12 ;;
+      timeout 120 python3 benchmarks/kernels/time_attention.py 2>&1 | grep -v Warning | tee "$OUT/attn.log" ;;
     decodeab)  # PDL on, autotuner timing behind a PDL RMSNorm (default) vs each candidate alone
       stamp decodeab
       VLMQ_AUTOTUNE_PDL=0 timeout 100 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode_tunealone" 2>&1 \
@@ -70,6 +70,20 @@ for s in $STAGES; do
       stamp decodetrig
       VLMQ_PDL_TRIGGER=early timeout 100 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode_early" 2>&1 \
         | grep -v Warning | tee "$OUT/decode_early.log" ;;
+    ncusmall)  # why the small decode GEMV (3584->4608) and the attention take 3-4x their byte time: stall reasons
+      stamp ncusmall
+      NCU="ncu --clock-control none -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+      VLMQ_AUTOTUNE=0 timeout 90 $NCU -k regex:gemv_h2 python3 -m pipeline.evaluate.bench_kernels --no-baselines \
+        --shapes 3584x4608 --m 1 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu_small.log" 2>&1
+      timeout 90 $NCU -k regex:rope_attn python3 -c "
+import torch
+from kernels.decode_ops import rope_attention
+qkv = torch.randn(1, 36 * 128, device='cuda').half(); kc = torch.randn(1, 4, 264, 128, device='cuda').half(); vc = torch.randn_like(kc)
+f = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device='cuda').float() / 128)); p = torch.tensor([192], dtype=torch.int32, device='cuda')
+for _ in range(3): rope_attention(qkv, f, p, kc, vc, 28, 4)
+torch.cuda.synchronize()" > "$OUT/ncu_attn.log" 2>&1
+      for f in ncu_small ncu_attn; do echo "-- $f"; grep -E "Duration|DRAM Throughput|Registers|Achieved Occupancy|Grid Size|Warp Cycles Per Issued|stalled_.*ratio +[a-z]* +[0-9.]+" "$OUT/$f.log" \
+        | awk '{ if ($0 ~ /stalled/) { if ($NF+0 >= 0.3) print } else print }'; done ;;
     ncu)
       stamp ncu
       for b in 4 3; do
