@@ -38,7 +38,10 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, HAS_X: tl.conste
     mask = offs < N
     h = tl.load(res_ptr + row * N + offs, mask=mask, other=0.0)
     if HAS_X:
-        h = (h.to(tl.float32) + tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32))
+        # x rounded to the residual's dtype first: an fp32 x (a GEMV's accumulation buffer) adds
+        # exactly what the 16-bit projection output would
+        xv = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(res_ptr.dtype.element_ty)
+        h = h.to(tl.float32) + xv.to(tl.float32)
         h = h.to(res_ptr.dtype.element_ty)  # the residual stream stays in the model dtype
         tl.store(res_ptr + row * N + offs, h, mask=mask)
     hf = h.to(tl.float32)
@@ -49,7 +52,8 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, HAS_X: tl.conste
 
 def add_rmsnorm(x: torch.Tensor | None, res: torch.Tensor, w: torch.Tensor, eps: float,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """``res += x`` (in place, model dtype), then ``RMSNorm(res) * w`` as transformers computes it."""
+    """``res += x`` (in place, model dtype), then ``RMSNorm(res) * w`` as transformers computes it.
+    ``x`` may be fp32 (a GEMV's accumulation buffer): it is rounded to ``res``'s dtype first."""
     m, n = res.shape
     out = torch.empty_like(res) if out is None else out
     pdl = pdl_active(res.device)
@@ -226,16 +230,19 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
         c = tl.cos(ang)
         sn = tl.sin(ang)
         row = qkv_ptr + b * stride_qkv
-        q1 = tl.load(row + qh[:, None] * D + half[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(row + qh[:, None] * D + D // 2 + half[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+        # qkv may be fp32 (the GEMV's accumulation buffer): rounded to 16 bits as it is read
+        DT: tl.constexpr = k_cache.dtype.element_ty
+        q1 = tl.load(row + qh[:, None] * D + half[None, :], mask=gm[:, None], other=0.0).to(DT).to(tl.float32)
+        q2 = tl.load(row + qh[:, None] * D + D // 2 + half[None, :], mask=gm[:, None], other=0.0).to(DT)
+        q2 = q2.to(tl.float32)
         # q and k rounded to the cache dtype after the rotation, as when they pass through memory
         qa = (q1 * c[None, :] - q2 * sn[None, :]).to(k_cache.dtype.element_ty)
         qb = (q2 * c[None, :] + q1 * sn[None, :]).to(k_cache.dtype.element_ty)
-        k1 = tl.load(row + (HQ + j) * D + half).to(tl.float32)
-        k2 = tl.load(row + (HQ + j) * D + D // 2 + half).to(tl.float32)
-        kr1 = (k1 * c - k2 * sn).to(k_cache.dtype.element_ty)
-        kr2 = (k2 * c + k1 * sn).to(k_cache.dtype.element_ty)
-        vn = tl.load(row + (HQ + HKV + j) * D + d)
+        k1 = tl.load(row + (HQ + j) * D + half).to(DT).to(tl.float32)
+        k2 = tl.load(row + (HQ + j) * D + D // 2 + half).to(DT).to(tl.float32)
+        kr1 = (k1 * c - k2 * sn).to(DT)
+        kr2 = (k2 * c + k1 * sn).to(DT)
+        vn = tl.load(row + (HQ + HKV + j) * D + d).to(DT)
         kbase = k_cache + (b * HKV + j) * L * D
         vbase = v_cache + (b * HKV + j) * L * D
         if sid == 0:
@@ -322,11 +329,13 @@ def _attn_workspace(device: torch.device, n_floats: int, n_heads: int) -> tuple[
 
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
-                   block: int = 64, splits: int = 8, num_warps: int = 4) -> torch.Tensor:
+                   block: int = 32, splits: int = 8, num_warps: int = 2) -> torch.Tensor:
     """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention): one
     program per (sequence, kv head, split), the cache blocks of ``block`` positions spread over at
     most ``splits`` of them. Returns ``[B, hq * D]`` and leaves the new k, v in the caches at
-    ``pos``. Head dim a power of 2 >= 16 and ``block`` >= 16 (tensor-core tiles)."""
+    ``pos``. Head dim a power of 2 >= 16 and ``block`` >= 16 (tensor-core tiles). ``qkv`` may be
+    fp32 (a GEMV's accumulation buffer; rounded to the cache dtype as it is read); ``out`` has the
+    cache's dtype."""
     b = qkv.shape[0]
     d, length = k_cache.shape[-1], k_cache.shape[2]
     if hq % hkv:
@@ -335,7 +344,7 @@ def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
         raise ValueError(f"head dim ({d}) and block ({block}) must be powers of 2, at least 16")
     g = hq // hkv
     ns = triton.next_power_of_2(max(1, min(splits, triton.cdiv(length, block))))
-    out = torch.empty(b, hq * d, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    out = torch.empty(b, hq * d, dtype=k_cache.dtype, device=qkv.device) if out is None else out
     ws, cnt = _attn_workspace(qkv.device, b * hq * ns * (d + 2), b * hkv)
     pdl = pdl_active(qkv.device)
     _rope_attn_kernel[(b, hkv, ns)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,

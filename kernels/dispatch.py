@@ -89,15 +89,23 @@ def _glu_after(y: torch.Tensor, glu: int) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, cfg: GemvConfig | None = None, pdl: bool | None = None,
-         glu: int = 0) -> torch.Tensor:
+         glu: int = 0, accumulate: bool = False) -> torch.Tensor:
     """``x @ W^T (+ bias)`` with a CUDA-core GEMV kernel (meant for M <= 4): the fp16-pair kernel
     where it applies (``cfg.h2``), else the portable fp32 one. ``pdl``: programmatic dependent
     launch of the fp16-pair kernel (None: as ``kernels.pdl.programmatic_launch`` says). ``glu``:
     W's rows are gate/up interleaved in blocks of ``glu`` (``interleave_gate_up``); returns
-    ``silu(gate) * up`` (out_features / 2 wide), in the fp16-pair kernel's epilogue."""
+    ``silu(gate) * up`` (out_features / 2 wide), in the fp16-pair kernel's epilogue.
+    ``accumulate``: add ``x @ W^T (+ bias)`` into ``out``, an fp32 ``[M, N]`` buffer (the decode
+    step zeroes one per projection each step): the k-splits add their partial sums straight into it,
+    saving the split-K epilogue's counter and read-back round trips."""
     from .gemv import gemv_kernel
 
     _check_glu(pw, glu)
+    if accumulate:
+        if out is None or out.dtype != torch.float32 or tuple(out.shape) != (x.shape[0], pw.out_features):
+            raise ValueError(f"accumulate needs out: a float32 [{x.shape[0]}, {pw.out_features}] buffer")
+        if glu:
+            raise ValueError("accumulate and glu do not combine (silu-mul needs the finished sums)")
     if glu and out is None:
         out = torch.empty(x.shape[0], pw.out_features // 2, dtype=x.dtype, device=x.device)
     x, out, zero, b = _common(x, pw, bias, out)
@@ -111,6 +119,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
     if glu and not h2:  # the portable kernel has no GLU epilogue: a second launch
         return silu_mul_into(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl), out, glu)
+    if accumulate and not h2:  # nor an accumulating one
+        return out.add_(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl))
     if glu and cfg.BN % (2 * glu):
         raise ValueError(f"GEMV BN={cfg.BN} must hold whole gate/up block pairs (2 x {glu})")
     per_channel = pw.group_size is None
@@ -124,7 +134,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size * (pw.group_rows // r)
     even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves)
-    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 else (out, out)
+    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
     if h2:
         from .gemv_h2 import gemv_h2_kernel
 
@@ -136,7 +146,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
-            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, num_warps=cfg.num_warps,
+            ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
+            num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out
@@ -279,18 +290,24 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
-def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0) -> list[tuple[str, object]]:
+def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
+                acc: bool = False) -> list[tuple[str, object]]:
     """What the autotuner tries for one M (each entry ``fn(x, pw, bias)``); small on purpose.
     ``fp16_pairs``: the fp16-pair GEMV applies (W4/W3, fp16 x). ``glu``: each returns silu(gate) *
-    up (the fp16-pair GEMV in its epilogue, every other path by a second launch)."""
+    up (the fp16-pair GEMV in its epilogue, every other path by a second launch). ``acc``: each is
+    ``fn(x, pw, bias, out)`` and adds into the fp32 ``out`` (see ``gemv(accumulate=True)``)."""
     c: list[tuple[str, object]] = []
 
     def gv(**kw):
         cfg = GemvConfig(**kw)
+        if acc:
+            return lambda x, pw, b, o: gemv(x, pw, b, out=o, cfg=cfg, accumulate=True)
         return lambda x, pw, b: gemv(x, pw, b, cfg=cfg, glu=glu)
 
     def gm(**kw):
         cfg = GemmConfig(**kw)
+        if acc:
+            return lambda x, pw, b, o: o.add_(gemm(x, pw, b, cfg=cfg))
         return lambda x, pw, b: _glu_after(gemm(x, pw, b, cfg=cfg), glu)
 
     if m <= 4 and fp16_pairs:  # gemv_h2.py; run 4 sweep (8192->28672): BN64 best for W4 and W3
@@ -326,26 +343,33 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0) -> li
         c += [("gemm BM128 BN128 BK64 w8", gm(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)),
               ("gemm trans BM256 BN128 BK64 w8", gm(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, trans=True)),
-              ("dequant + cuBLAS", lambda x, pw, b: _glu_after(gemm_dequant(x, pw, b), glu))]
+              ("dequant + cuBLAS", (lambda x, pw, b, o: o.add_(gemm_dequant(x, pw, b))) if acc else
+               (lambda x, pw, b: _glu_after(gemm_dequant(x, pw, b), glu)))]
     return c
 
 
-def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, glu: int = 0) -> torch.Tensor:
+def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, glu: int = 0,
+           acc_out: torch.Tensor | None = None) -> torch.Tensor:
     """The dispatcher. On CUDA the first call of each (scheme, M bucket, N, K) times a few
     candidate paths and configs (``kernels.autotune``) and keeps the fastest; elsewhere, or with
-    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, else the tensor-core GEMM. ``glu``: see ``gemv``."""
+    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, else the tensor-core GEMM. ``glu``: see ``gemv``.
+    ``acc_out``: add the product into this zeroed-by-the-caller fp32 ``[M, N]`` buffer and return it
+    (``gemv(accumulate=True)``; other paths add their result)."""
     from . import autotune
 
     _check_glu(pw, glu)
     m = x.shape[0]
+    acc = acc_out is not None
+    if acc and (glu or acc_out.dtype != torch.float32 or tuple(acc_out.shape) != (m, pw.out_features)):
+        raise ValueError(f"acc_out must be a float32 [{m}, {pw.out_features}] buffer (and no glu)")
+    args = (x, pw, bias, acc_out) if acc else (x, pw, bias)
     if autotune.enabled(x):
         key = ("a16", pw.bits, pw.group_size, pw.symmetric, x.dtype, autotune.m_bucket(m), pw.out_features,
-               pw.in_features, x.device.index, glu, pdl_mode(x.device))
-        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu), (x, pw, bias))
+               pw.in_features, x.device.index, glu, acc, pdl_mode(x.device))
+        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc), args)
         if fn is not None:
-            return fn(x, pw, bias)
+            return fn(*args)
     if m <= GEMV_MAX_M:
-        return gemv(x, pw, bias, glu=glu)
-    if x.shape[0] >= DEQUANT_MIN_M:
-        return _glu_after(gemm_dequant(x, pw, bias), glu)
-    return _glu_after(gemm(x, pw, bias), glu)
+        return gemv(x, pw, bias, out=acc_out, glu=glu, accumulate=acc)
+    y = _glu_after(gemm_dequant(x, pw, bias) if m >= DEQUANT_MIN_M else gemm(x, pw, bias), glu)
+    return acc_out.add_(y) if acc else y

@@ -351,7 +351,7 @@ def gemv_h2_kernel(
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-    DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0,
+    DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -363,7 +363,9 @@ def gemv_h2_kernel(
     PDL (pdl.py, 0 off, 1 late, 2 early): the first iteration's weights are requested before waiting
     for the previous grid, x only after; the next grid may be scheduled once every program has left
     the loop (1) or has requested its first weights (2). GLU > 0: the output is silu(gate) * up of
-    gate/up columns interleaved in blocks of GLU (decode.store_out), N / 2 wide."""
+    gate/up columns interleaved in blocks of GLU (decode.store_out), N / 2 wide. ACC: ``out`` is a
+    zeroed fp32 buffer and every k-split adds its partial sums into it (relaxed atomics, bias from
+    split 0): no counter, no read-back; the consumer rounds to 16 bits as it reads."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     QPR: tl.constexpr = 8 if BITS == 3 else 2  # int64 words of x per decode row
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
@@ -433,5 +435,12 @@ def gemv_h2_kernel(
     y = tl.sum(y3, axis=1)  # [BM, BN]
     if PER_CHANNEL:
         y = y * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
-    splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                    pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU)
+    if ACC:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            y += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y,
+                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
+    else:
+        splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
+                        pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU)

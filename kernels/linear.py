@@ -96,6 +96,20 @@ class QuantLinear(nn.Module):
             y = dispatch.matmul(xk, self.packed, self.bias, glu=self.glu)
         return y.to(x.dtype).reshape(*lead, n_out)
 
+    def accumulate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out += x @ W_hat^T (+ b)`` into a float32 ``[M, out_features]`` buffer the caller zeroes
+        (the decode step, once per step for all layers): the GEMV's k-splits add straight into it,
+        and the consumer rounds to 16 bits as it reads (``kernels.dispatch.gemv(accumulate=True)``)."""
+        from . import dispatch
+
+        if self.glu:
+            raise ValueError("a fused gate/up QuantLinear (glu) cannot accumulate: silu-mul needs finished sums")
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_bits != 16 or (x.device.type != "cuda" and not dispatch.interpreting()):
+            return out.add_(self.forward(x2).float())
+        xk = x2 if x2.dtype in (torch.float16, torch.bfloat16) else x2.to(self._kernel_dtype())
+        return dispatch.matmul(xk, self.packed, self.bias, acc_out=out)
+
     def _kernel_dtype(self) -> torch.dtype:
         return self.scale.dtype if self.scale.dtype in (torch.float16, torch.bfloat16) else torch.float16
 

@@ -8,8 +8,9 @@ and ``lm_head`` stay fp16 in every variant. One decode step (embedding, 28 layer
 lm_head, greedy argmax, position + 1) is captured in one CUDA graph over a static KV cache and
 replayed step after step, so kernels, not Python, are what is timed. Our kernels launch with
 programmatic dependent launch (kernels/pdl.py; ``--no-pdl`` to compare), the packed gate/up GEMV
-applies silu-mul in its epilogue, and rotary + KV write + attention are one launch split over
-cache blocks; the fp16 baseline shares every glue kernel.
+applies silu-mul in its epilogue, the other packed GEMVs add their k-splits into fp32 buffers the
+next kernel reads (batch <= 4), and rotary + KV write + attention are one launch per GQA group
+on tensor cores; the fp16 baseline shares every glue kernel.
 
     python -m pipeline.evaluate.bench_decode --out bench-out            # batch 1 and 8, fp16/W4/W3
 """
@@ -174,6 +175,17 @@ class DecodeModel:
                 "v_cache": torch.zeros(batch, self.hkv, max_len, self.d, dtype=self.dtype, device=device),
             })
         del meta
+        # batch <= 4 on the fp16-pair GEMV: q/k/v, o and down add their k-splits straight into fp32
+        # buffers (one memset per step for all layers) that the next kernel reads and rounds
+        self.acc_flat = None
+        if variant != "fp16" and not variant.endswith("a8") and batch <= 4:
+            sizes = [lay["qkv"].out_features for lay in self.layers[:1]] + [h, h]
+            self.acc_flat = torch.zeros(len(self.layers) * batch * sum(sizes), dtype=torch.float32, device=device)
+            off = 0
+            for lay in self.layers:
+                for name, n in zip(("qkv_acc", "o_acc", "down_acc"), sizes):
+                    lay[name] = self.acc_flat[off:off + batch * n].view(batch, n)
+                    off += batch * n
         self.embed = weight_of("model.embed_tokens.weight") if hf_model else rnd(c.vocab_size, h)
         self.norm = weight_of("model.norm.weight") if hf_model else 1 + rnd(h, std=0.05)
         self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
@@ -198,15 +210,22 @@ class DecodeModel:
 
         from kernels.decode_ops import add_rmsnorm, rope_attention, silu_mul
 
+        def proj(lay, name, x):
+            if self.acc_flat is None:
+                return lay[name](x)
+            return lay[name].accumulate(x, lay[name + "_acc"])
+
         x = torch.nn.functional.embedding(self.tokens, self.embed)
         res = x.clone()
+        if self.acc_flat is not None:
+            self.acc_flat.zero_()
         normed = add_rmsnorm(None, res, self.layers[0]["in_norm"], self.eps)
         for i, lay in enumerate(self.layers):
-            qkv = lay["qkv"](normed)
+            qkv = proj(lay, "qkv", normed)
             attn = rope_attention(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq, self.hkv)
-            normed = add_rmsnorm(lay["o"](attn), res, lay["post_norm"], self.eps)
+            normed = add_rmsnorm(proj(lay, "o", attn), res, lay["post_norm"], self.eps)
             act = lay["gate_up"](normed) if self.glu else silu_mul(lay["gate_up"](normed))
-            mlp = lay["down"](act)
+            mlp = proj(lay, "down", act)
             nxt = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
             normed = add_rmsnorm(mlp, res, nxt, self.eps)
         self.logits = torch.nn.functional.linear(normed, self.lm_head)
@@ -313,7 +332,8 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
     if variant != "fp16":  # what the autotuner chose for each projection shape of this run
         from kernels import autotune
 
-        r["picked"] = {f"{k[7]}->{k[6]}": name for k, name in autotune.chosen().items()
+        r["picked"] = {f"{k[7]}->{k[6]}{' glu' if k[9] else ''}{' acc' if k[10] else ''}": name
+                       for k, name in autotune.chosen().items()
                        if k[0] == "a16" and k[1] == int(variant[1]) and k[5] == autotune.m_bucket(batch)
                        and k[-1] == pdl_mode}
     del g, model

@@ -164,3 +164,57 @@ def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
     assert torch.allclose(ref.float(), want_cpu, atol=1e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="glu"):
         QuantLinear.from_quantized(qw, glu=48)
+
+
+@pytest.mark.parametrize("bits,m,split", [(4, 1, 3), (3, 2, 1), (4, 3, 2)])
+def test_accumulating_gemv_adds_into_fp32(bits, m, split, gen, device):
+    """gemv(accumulate=True) adds x @ W^T + b into an fp32 buffer (every k-split straight in, the
+    bias once): twice gives twice; its 16-bit rounding is the plain GEMV's output; the dispatcher and
+    QuantLinear.accumulate (any M) agree. The consumers round fp32 inputs as they read them."""
+    from kernels import QuantLinear
+    from kernels.dispatch import gemv, matmul
+    from kernels.tuning import GemvConfig
+    from kt_helpers import random_qweight, random_x
+
+    n, k = 200, 512
+    qw = random_qweight(n, k, bits, 128, False, torch.float16, gen)
+    bias = torch.randn(n, generator=gen).half().to(device)
+    lin = QuantLinear.from_quantized(qw, bias.cpu()).to(device)
+    x = random_x(m, k, torch.float16, gen, device)
+    cfg = GemvConfig(BN=64, R=4, h2=True, split=split)
+    plain = gemv(x, lin.packed, bias, cfg=cfg)
+    acc = torch.zeros(m, n, dtype=torch.float32, device=device)
+    gemv(x, lin.packed, bias, out=acc, cfg=cfg, accumulate=True)
+    assert torch.allclose(acc.half().float(), plain.float(), atol=1e-3, rtol=1e-3)
+    once = acc.clone()
+    gemv(x, lin.packed, bias, out=acc, cfg=cfg, accumulate=True)
+    assert torch.allclose(acc, 2 * once, atol=1e-3, rtol=1e-5)
+    acc2 = torch.zeros_like(acc)
+    assert matmul(x, lin.packed, bias, acc_out=acc2) is acc2
+    assert torch.allclose(acc2.half().float(), lin(x).float(), atol=1e-3, rtol=1e-3)
+    acc3 = torch.zeros_like(acc)
+    lin.accumulate(x, acc3)
+    assert torch.allclose(acc3, acc2, atol=1e-3, rtol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        gemv(x, lin.packed, bias, out=torch.zeros(m, n, dtype=torch.float16, device=device), accumulate=True)
+    # consumers: an fp32 input is read as its fp16 rounding
+    res = torch.randn(m, n, generator=gen).half().to(device)
+    w = (1 + 0.1 * torch.randn(n, generator=gen)).half().to(device)
+    r16, r32 = res.clone(), res.clone()
+    y16 = add_rmsnorm(acc2.half(), r16, w, 1e-6)
+    y32 = add_rmsnorm(acc2, r32, w, 1e-6)
+    assert torch.equal(r16.cpu(), r32.cpu()) and torch.equal(y16.cpu(), y32.cpu())
+
+
+def test_rope_attention_reads_fp32_qkv_as_fp16(gen, device):
+    b, hq, hkv, d, length, pos = 1, 4, 2, 16, 40, 33
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 3).to(device)  # fp32, not fp16-exact
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
+    kc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    vc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    p = torch.tensor([pos], dtype=torch.int32, device=device)
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    a = rope_attention(qkv, inv_freq, p, k1, v1, hq, hkv, block=16)
+    b16 = rope_attention(qkv.half(), inv_freq, p, k2, v2, hq, hkv, block=16)
+    assert a.dtype == torch.float16
+    assert torch.equal(a.cpu(), b16.cpu()) and torch.equal(k1.cpu(), k2.cpu()) and torch.equal(v1.cpu(), v2.cpu())
