@@ -132,6 +132,10 @@ def _pdl_predecessor(x: torch.Tensor) -> Callable[[], object]:
     return lambda: add_rmsnorm(None, res, w, 1e-6, out=out)
 
 
+def decided(key: tuple) -> bool:
+    return key in _BEST
+
+
 def last() -> str | None:
     """Name of the candidate the most recent ``pick`` returned (for benchmark reports)."""
     return _LAST[0]

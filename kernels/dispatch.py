@@ -46,10 +46,12 @@ def sm_count(device: torch.device) -> int:
     return 4
 
 
-def _split(tiles: int, iters: int, want: int | None, sms: int, waves: float) -> tuple[int, int]:
-    """(number of k-splits, iterations per split), every split non-empty."""
+def _split(tiles: int, iters: int, want: int | None, sms: int, waves: float, floor: bool = False) -> tuple[int, int]:
+    """(number of k-splits, iterations per split), every split non-empty. ``floor``: never more than
+    ``waves`` programs per SM (GEMV: run 8's 18944->3584 rounded to 1064 programs, 8 over the 1056
+    that fit, and those 8 ran as a second wave)."""
     if want is None:
-        want = max(1, round(sms * waves / max(tiles, 1)))
+        want = max(1, int(sms * waves // max(tiles, 1)) if floor else round(sms * waves / max(tiles, 1)))
     want = max(1, min(want, iters))
     per = -(-iters // want)
     return -(-iters // per), per
@@ -133,7 +135,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     # iterate only over rows that hold real k (the padding is all zero codes)
     iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size * (pw.group_rows // r)
     even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
-    split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves)
+    split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
     ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
     if h2:
         from .gemv_h2 import gemv_h2_kernel
@@ -366,7 +368,9 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
     if autotune.enabled(x):
         key = ("a16", pw.bits, pw.group_size, pw.symmetric, x.dtype, autotune.m_bucket(m), pw.out_features,
                pw.in_features, x.device.index, glu, acc, pdl_mode(x.device))
-        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc), args)
+        # timed on a scratch accumulator: the candidates' many calls must not add into the caller's
+        timing = (x, pw, bias, torch.zeros_like(acc_out)) if acc and not autotune.decided(key) else args
+        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc), timing)
         if fn is not None:
             return fn(*args)
     if m <= GEMV_MAX_M:
