@@ -88,6 +88,11 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 out.append((f"h2 BN{bn} R{r} w{w} x{waves}{' d2' if d == 2 else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": waves, "h2": True,
                              "depth": d}))
+            if bits == 3:  # run 8: W3 BN128 R4 with 3 k-splits beat the waves-derived 4; scan the split itself
+                for bn, r, sp in [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 4, 6), (128, 4, 8),
+                                  (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:
+                    out.append((f"h2 BN{bn} R{r} w4 split{sp}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
+                                                                 "split": sp, "h2": True}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64
