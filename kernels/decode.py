@@ -106,23 +106,24 @@ def store_out(y, offs_m, offs_n, M, N, out_ptr, stride_om, GLU: tl.constexpr):
 
 @triton.jit
 def splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr, cnt_idx,
-                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr = 0):
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, expected):
     """Write ``y`` [BM, BN] (fp32 partial sums) to ``out`` (through ``store_out``).
 
     SPLIT: partials of all k-splits are added into a fp32 workspace with atomics; the program
     that arrives last (per-tile counter) reads the sum back (an atomic add of 0, so it is read where
     the atomics landed), zeroes it, adds the bias, writes the output and resets the counter, so no
-    memset or second kernel is needed. The workspace atomics are relaxed: ordering comes from the
+    memset or second kernel is needed; ``expected`` programs add into the tile (a stream-K grid
+    varies it per tile; one means a plain store). The workspace atomics are relaxed: ordering comes from the
     CTA barrier and the counter's acquire-release atomic (the pattern of CUTLASS's semaphore), and a
     fence per partial (the default acq_rel) was a visible share of a small GEMV's stalls (ncu, run 8).
     """
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT:
+    if SPLIT and expected > 1:
         wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(wsp, y, mask=mask, sem="relaxed")
         tl.debug_barrier()
         old = tl.atomic_add(cnt_ptr + cnt_idx, 1)
-        if old == tl.num_programs(1) - 1:
+        if old == expected - 1:
             y = tl.atomic_add(wsp, tl.zeros_like(y), mask=mask, sem="relaxed")  # coherent read at L2
             tl.store(wsp, tl.zeros_like(y), mask=mask)
             if HAS_BIAS:

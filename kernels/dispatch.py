@@ -136,20 +136,27 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size * (pw.group_rows // r)
     even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
-    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
+    stream_k = h2 and cfg.stream_k
+    if stream_k:  # programs = one wave; each takes `per` consecutive (tile, iteration) units
+        units = n_tiles * iters
+        progs = max(1, min(units, int(sm_count(x.device) * cfg.waves) // m_blocks))
+        per = -(-units // progs)
+        split = -(-units // per)  # the grid's first dimension
+    ws, cnt = (workspace(x.device, m * n, n_tiles * m_blocks) if (split > 1 or stream_k) and not accumulate
+               else (out, out))
     if h2:
         from .gemv_h2 import gemv_h2_kernel
 
         xq = (x if x.data_ptr() % 8 == 0 else x.clone()).view(torch.int64)
         pdl = pdl_mode(x.device) if pdl is None else pdl_mode(x.device, force=True) if pdl else 0
-        gemv_h2_kernel[(n_tiles, split, m_blocks)](
+        gemv_h2_kernel[(split, 1, m_blocks) if stream_k else (n_tiles, split, m_blocks)](
             xq, pw.words, pw.scale, zero, b, out, ws, cnt,
             m, n, k // 4, xq.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
-            HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
+            HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=cfg.evict and not interpreting(),
             ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
-            num_warps=cfg.num_warps,
+            STREAMK=stream_k, n_tiles=n_tiles, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out
@@ -323,6 +330,12 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         # tried for the decode layers, whose programs run only a few iterations each
         c += [(f"h2 BN64 R{rs[0]} w4 x{wv} d2", gv(BN=64, R=rs[0], num_warps=4, waves=wv, h2=True, depth=2))
               for wv in (4, 8)]
+        # stream-K: exactly one wave of equal work (run 8: 592 tiles on 132 SMs left 4 or 5 programs per SM);
+        # its segment loop holds more registers (sm_90 SASS: W4 BN64 94, W3 BN128 80, W3 BN64 72), so the
+        # programs per SM are what fits, or a register cap that fits one more without spilling in the loop
+        sk = (((64, 8, 64), (64, 5, None)) if bits == 4 else ((128, 7, 72), (128, 6, None), (64, 8, 64), (64, 7, None)))
+        c += [(f"h2 BN{bn} R{rs[0]} w4 sk{wv}{f' r{mr}' if mr else ''}",
+               gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, stream_k=True, maxnreg=mr)) for bn, wv, mr in sk]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway

@@ -127,7 +127,7 @@ def gemm_kernel(
     if PER_CHANNEL:
         acc *= tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
     splitk_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                    pid, HAS_BIAS, SPLIT)
+                    pid, HAS_BIAS, SPLIT, 0, tl.num_programs(1))
 
 
 @triton.jit

@@ -118,4 +118,4 @@ def gemv_kernel(
     else:
         y = tl.sum(y3, axis=1)  # [BM, BN]
     splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                    pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT)
+                    pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, 0, tl.num_programs(1))

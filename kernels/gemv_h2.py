@@ -345,34 +345,19 @@ def _stage(j, wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
 
 
 @triton.jit
-def gemv_h2_kernel(
-    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K4, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
-    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
-    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-    DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
-):
-    """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
-
-    ``x_ptr`` is x viewed as int64 (``stride_xm`` in int64 units, ``K4 = K / 4``). One fp32 per
-    (row of x, decode row, column) accumulates ``(sum of the row's products) * scale``. The loads
-    of iteration ``it + DEPTH`` (1 or 2) are issued before iteration ``it`` is computed: Triton
-    pipelines no load that feeds no ``tl.dot``, and a GEMV that waits for each load runs at the
-    latency, not the bandwidth, of memory. EVEN: no m or k masks needed.
-    PDL (pdl.py, 0 off, 1 late, 2 early): the first iteration's weights are requested before waiting
-    for the previous grid, x only after; the next grid may be scheduled once every program has left
-    the loop (1) or has requested its first weights (2). GLU > 0: the output is silu(gate) * up of
-    gate/up columns interleaved in blocks of GLU (decode.store_out), N / 2 wide. ACC: ``out`` is a
-    zeroed fp32 buffer and every k-split adds its partial sums into it (relaxed atomics, bias from
-    split 0): no counter, no read-back; the consumer rounds to 16 bits as it reads."""
+def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
+             x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+             M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
+             BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+             T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
+             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr,
+             ASM: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr,
+             FIRST: tl.constexpr, LAST: tl.constexpr):
+    """Iterations [it0, it1) of column tile ``pid_n`` and row block ``pid_m``, then the epilogue
+    (``expected`` programs add into tile ``cnt_idx``; one: a plain store)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     QPR: tl.constexpr = 8 if BITS == 3 else 2  # int64 words of x per decode row
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-
     offs_n = pid_n * BN + tl.arange(0, BN)
     n0 = pid_n * BN  # BN divides T
     col = (n0 // T) * (rows_total * WPR * T) + (n0 % T) + tl.arange(0, BN)
@@ -383,8 +368,6 @@ def gemv_h2_kernel(
     r_loc = tl.arange(0, R)
     m3 = offs_m[:, None, None]
 
-    it0 = pid_k * iters_per_split
-    it1 = tl.minimum(it0 + iters_per_split, n_iters)
     wbase = words_ptr + (r_loc * WPR)[None, :, None] * T + col[None, None, :]
     # x is read by inline PTX on [BM, R, 1] addresses (see _ld): no tl.load, so no layout of its own
     qi0 = r_loc[None, :, None] * QPR
@@ -398,7 +381,7 @@ def gemv_h2_kernel(
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
     a0, a1, a2, a_s, a_z = _stage_w(it0, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS,
                                     T, R, EVICT)
-    if PDL == 2:
+    if PDL == 2 and FIRST:
         launch_dependents()
     if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
         xbase = xbase + wait_prior()
@@ -430,7 +413,7 @@ def gemv_h2_kernel(
             y3 += r
         else:
             y3 += r * s.to(tl.float32)
-    if PDL == 1:
+    if PDL == 1 and LAST:
         launch_dependents()
     y = tl.sum(y3, axis=1)  # [BM, BN]
     if PER_CHANNEL:
@@ -438,9 +421,64 @@ def gemv_h2_kernel(
     if ACC:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            y += tl.where(pid_k == 0, bias, 0.0)[None, :]
+            y += tl.where(it0 == 0, bias, 0.0)[None, :]
         tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y,
                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
     else:
         splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                        pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU)
+                        cnt_idx, HAS_BIAS, SPLIT, GLU, expected)
+
+
+@triton.jit
+def gemv_h2_kernel(
+    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K4, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
+    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
+    DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
+    STREAMK: tl.constexpr = False, n_tiles=1,
+):
+    """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
+
+    ``x_ptr`` is x viewed as int64 (``stride_xm`` in int64 units, ``K4 = K / 4``). One fp32 per
+    (row of x, decode row, column) accumulates ``(sum of the row's products) * scale``. The loads
+    of iteration ``it + DEPTH`` (1 or 2) are issued before iteration ``it`` is computed: Triton
+    pipelines no load that feeds no ``tl.dot``, and a GEMV that waits for each load runs at the
+    latency, not the bandwidth, of memory. EVEN: no m or k masks needed.
+    PDL (pdl.py, 0 off, 1 late, 2 early): the first iteration's weights are requested before waiting
+    for the previous grid, x only after; the next grid may be scheduled once every program has left
+    the loop (1) or has requested its first weights (2). GLU > 0: the output is silu(gate) * up of
+    gate/up columns interleaved in blocks of GLU (decode.store_out), N / 2 wide. ACC: ``out`` is a
+    zeroed fp32 buffer and every k-split adds its partial sums into it (relaxed atomics, bias from
+    split 0): no counter, no read-back; the consumer rounds to 16 bits as it reads.
+    STREAMK: program p takes units [p * iters_per_split, ...) of the ``n_tiles x n_iters`` (tile,
+    iteration) units in order -- as many programs as fit in one wave, each the same work, a tile
+    shared by at most a few of them (``expected`` per tile); the launch's grid is (programs, 1, M blocks)."""
+    pid_m = tl.program_id(2)
+    if STREAMK:
+        u = tl.program_id(0) * iters_per_split
+        u_end = tl.minimum(u + iters_per_split, n_tiles * n_iters)
+        while u < u_end:
+            t = u // n_iters
+            it0 = u - t * n_iters
+            it1 = tl.minimum(n_iters, it0 + (u_end - u))
+            expected = ((t + 1) * n_iters - 1) // iters_per_split - (t * n_iters) // iters_per_split + 1
+            _segment(t, pid_m, it0, it1, expected, pid_m * n_tiles + t,
+                     x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
+                     BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
+                     PDL, GLU, ACC, False, False)
+            u += it1 - it0
+        if PDL == 1:
+            launch_dependents()
+    else:
+        pid_n = tl.program_id(0)
+        it0 = tl.program_id(1) * iters_per_split
+        it1 = tl.minimum(it0 + iters_per_split, n_iters)
+        _segment(pid_n, pid_m, it0, it1, tl.num_programs(1), pid_m * tl.num_programs(0) + pid_n,
+                 x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
+                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
+                 PDL, GLU, ACC, True, True)
+

@@ -28,6 +28,7 @@ class GemvConfig:
     h2: bool | None = None  # fp16-pair kernel (gemv_h2.py); None: wherever it applies (W4/W3, fp16 x)
     asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
     depth: int = 1  # h2: iterations loaded ahead (1 or 2; 2 doubles the bytes in flight and the registers)
+    stream_k: bool = False  # h2: waves x SMs programs share the (tile, iteration) units evenly (one wave)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""

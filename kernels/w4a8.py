@@ -122,4 +122,4 @@ def w4a8_kernel(
     sw = tl.load(sw_ptr + sw_col).to(tl.float32)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                    pid, HAS_BIAS, SPLIT)
+                    pid, HAS_BIAS, SPLIT, 0, tl.num_programs(1))

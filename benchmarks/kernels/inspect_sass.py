@@ -26,7 +26,8 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 3):
+def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int = 3,
+                   maxnreg: int | None = None):
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
@@ -35,7 +36,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, num_warps: int, num_st
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
              if v.startswith("*") or k in DIV16}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    opts = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def sass_of(cubin: bytes) -> str:
@@ -135,6 +137,8 @@ def main() -> None:
     ap.add_argument("--uneven", action="store_true", help="masked x loads")
     ap.add_argument("--pdl", type=int, default=0, help="gemv_h2: programmatic dependent launch mode (kernels/pdl.py)")
     ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
+    ap.add_argument("--stream-k", action="store_true", help="gemv_h2: stream-K grid")
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
     sig = dict(GEMV_SIG)
@@ -148,8 +152,10 @@ def main() -> None:
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 not in ("magic", "K")}, "n_iters": "i32", "K4": "i32",
                "x_ptr": "*i64"}
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r,
-                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, PDL=a.pdl, GLU=a.glu)
-        k = compile_kernel(gemv_h2_kernel, sig, c, a.warps)
+                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, PDL=a.pdl, GLU=a.glu, STREAMK=a.stream_k)
+        if a.stream_k:
+            sig["n_tiles"] = "i32"
+        k = compile_kernel(gemv_h2_kernel, sig, c, a.warps, maxnreg=a.maxnreg or None)
         vals = a.r * a.bn * v
     elif a.kernel == "gemv":
         from kernels.gemv import gemv_kernel

@@ -88,6 +88,11 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 out.append((f"h2 BN{bn} R{r} w{w} x{waves}{' d2' if d == 2 else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": waves, "h2": True,
                              "depth": d}))
+            for bn, r, wv, mr in (((64, 16, 8, 64), (64, 16, 5, None), (64, 16, 7, 72)) if bits == 4 else
+                                  ((128, 4, 7, 72), (128, 4, 6, None), (64, 4, 8, 64), (64, 4, 7, None))):
+                out.append((f"h2 BN{bn} R{r} w4 sk{wv}{f' r{mr}' if mr else ''}",
+                            {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4, "waves": wv, "h2": True,
+                             "stream_k": True, "maxnreg": mr}))
             if bits == 3:  # run 8: W3 BN128 R4 with 3 k-splits beat the waves-derived 4; scan the split itself
                 for bn, r, sp in [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 4, 6), (128, 4, 8),
                                   (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:

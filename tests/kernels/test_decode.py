@@ -147,8 +147,8 @@ def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
     lin = QuantLinear.from_quantized(qw, glu=32).to(device)
     plain = QuantLinear.from_quantized(qw).to(device)
     x = random_x(m, k, torch.float16, gen, device)
-    for split in (1, 3):
-        cfg = GemvConfig(BN=64, R=4, h2=True, split=split)
+    for split, sk in ((1, False), (3, False), (None, True)):
+        cfg = GemvConfig(BN=64, R=4, h2=True, split=split, stream_k=sk, waves=2.5)
         want = silu_mul(gemv(x, plain.packed, cfg=cfg), interleave=32)
         out = torch.full((m, inter), float("nan"), dtype=torch.float16, device=device)
         got = gemv(x, lin.packed, out=out, cfg=cfg, glu=32)
@@ -166,7 +166,7 @@ def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
         QuantLinear.from_quantized(qw, glu=48)
 
 
-@pytest.mark.parametrize("bits,m,split", [(4, 1, 3), (3, 2, 1), (4, 3, 2)])
+@pytest.mark.parametrize("bits,m,split", [(4, 1, 3), (3, 2, 1), (4, 3, 2), (4, 1, "stream-k")])
 def test_accumulating_gemv_adds_into_fp32(bits, m, split, gen, device):
     """gemv(accumulate=True) adds x @ W^T + b into an fp32 buffer (every k-split straight in, the
     bias once): twice gives twice; its 16-bit rounding is the plain GEMV's output; the dispatcher and
@@ -181,7 +181,8 @@ def test_accumulating_gemv_adds_into_fp32(bits, m, split, gen, device):
     bias = torch.randn(n, generator=gen).half().to(device)
     lin = QuantLinear.from_quantized(qw, bias.cpu()).to(device)
     x = random_x(m, k, torch.float16, gen, device)
-    cfg = GemvConfig(BN=64, R=4, h2=True, split=split)
+    cfg = (GemvConfig(BN=64, R=4, h2=True, stream_k=True, waves=2.5) if split == "stream-k"
+           else GemvConfig(BN=64, R=4, h2=True, split=split))
     plain = gemv(x, lin.packed, bias, cfg=cfg)
     acc = torch.zeros(m, n, dtype=torch.float32, device=device)
     gemv(x, lin.packed, bias, out=acc, cfg=cfg, accumulate=True)

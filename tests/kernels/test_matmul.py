@@ -20,14 +20,16 @@ def _k(group, bits):
     return 100 if group is None else 3 * group  # per-channel: K not a multiple of any block
 
 
-def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1):
+def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1,
+              stream_k=False, waves=8.0):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
     pw = pack(qw, tile=32, device=device)
     x = random_x(m, k, dtype, gen, device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth))
+    y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth, stream_k=stream_k,
+                                                waves=waves))
     assert y is out
     assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
 
@@ -52,6 +54,28 @@ def test_gemv_h2_depth2(bits, group, gen, device):
     """Loads issued two iterations ahead (the clamped tail re-reads its own tile)."""
     _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, depth=2)
     _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=1, h2=True, depth=2)
+
+
+@pytest.mark.parametrize("bits,group,waves", [(4, 32, 1.5), (3, None, 2.0), (4, 128, 0.5), (3, 32, 64.0)])
+def test_gemv_h2_stream_k(bits, group, waves, gen, device):
+    """Stream-K: the (tile, iteration) units dealt out evenly to waves x SMs programs (4 SMs on CPU),
+    so ranges start and end inside tiles and a tile has 1 to several contributors (0.5: two
+    programs, each over whole tiles; 64: one unit per program)."""
+    _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=None, bias=True, h2=True,
+              stream_k=True, waves=waves)
+    _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=None, h2=True, stream_k=True,
+              waves=waves)
+
+
+def test_gemv_h2_stream_k_ranges_cross_tiles(gen, device):
+    """16 iterations per tile, 7 units per program: every range but the first starts mid-tile and
+    some span two tiles; 2 or 3 programs add into each tile through the counters."""
+    qw = random_qweight(100, 512, 4, 128, False, torch.float16, gen)
+    pw = pack(qw, tile=32, device=device)
+    x = random_x(2, 512, torch.float16, gen, device)
+    out = torch.full((2, 100), float("nan"), dtype=torch.float16, device=device)
+    y = gemv(x, pw, out=out, cfg=GemvConfig(BN=32, R=4, h2=True, stream_k=True, waves=2.5))
+    assert_matches(y, linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16)
 
 
 def test_gemv_h2_needs_k_multiple_of_4(gen, device):
