@@ -109,10 +109,15 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     if dev is not None and pdl.active(dev) and timer is time_candidates and os.environ.get("VLMQ_AUTOTUNE_PDL", "1") != "0":
         # under PDL a kernel overlaps the one before it: time it behind a decode glue kernel
-        times = timer(cands, args, before=_pdl_predecessor(args[0]))
+        before = _pdl_predecessor(args[0])
+        times = timer(cands, args, before=before)
+        if len(times) > 2:
+            times = _second_look(times, cands, lambda cs: timer(cs, args, before=before))
     else:
         with pdl.programmatic_launch(False):  # each candidate alone, as the kernel benchmarks time it
             times = timer(cands, args)
+            if timer is time_candidates and len(times) > 2:
+                times = _second_look(times, cands, lambda cs: timer(cs, args))
     if not times:
         return None
     _TRACE[key] = times
@@ -120,6 +125,15 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
     fn = dict(cands)[best]
     _BEST[key], _NAME[key], _LAST[0] = fn, best, best
     return fn
+
+
+def _second_look(times: list[tuple[str, float]], cands: list[tuple[str, Callable]],
+                 timer: Callable[[list], list[tuple[str, float]]], top: int = 3) -> list[tuple[str, float]]:
+    """Time the ``top`` fastest again and keep the mean of both passes: in run 8 one pass picked a
+    config 10% slower than the sweep's best for a decode layer (2.27 vs 2.39 ms W4 steps between calls)."""
+    names = [n for n, _ in sorted(times, key=lambda t: t[1])[:top]]
+    again = dict(timer([(n, dict(cands)[n]) for n in names]))
+    return [(n, (t + again[n]) / 2 if n in again else t) for n, t in times]
 
 
 def _pdl_predecessor(x: torch.Tensor) -> Callable[[], object]:
