@@ -310,23 +310,6 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
                 tl.atomic_xchg(cnt_ptr + grp, 0)
 
 
-_ATTN_WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _attn_workspace(device: torch.device, n_floats: int, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block partials and per-head counters, both zero at rest (the merging program re-zeroes)."""
-    key = (device.type, device.index)
-    ws, cnt = _ATTN_WS.get(key, (None, None))
-    if ws is None or ws.numel() < n_floats or cnt.numel() < n_heads:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("rope_attention: its workspace must grow during CUDA graph capture; "
-                               "run one eager step with the same batch and cache length first")
-        ws = torch.zeros(max(n_floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(n_heads, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
-        _ATTN_WS[key] = (ws, cnt)
-    return ws, cnt
-
-
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
                    block: int = 32, splits: int = 8, num_warps: int = 2) -> torch.Tensor:
@@ -345,7 +328,9 @@ def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
     g = hq // hkv
     ns = triton.next_power_of_2(max(1, min(splits, triton.cdiv(length, block))))
     out = torch.empty(b, hq * d, dtype=k_cache.dtype, device=qkv.device) if out is None else out
-    ws, cnt = _attn_workspace(qkv.device, b * hq * ns * (d + 2), b * hkv)
+    from .dispatch import workspace
+
+    ws, cnt = workspace(qkv.device, b * hq * ns * (d + 2), b * hkv, pool="attention")
     pdl = pdl_active(qkv.device)
     _rope_attn_kernel[(b, hkv, ns)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
                                     d**-0.5, HQ=hq, HKV=hkv, D=d, BL=block, NS=ns,

@@ -12,25 +12,27 @@ from .pdl import mode as pdl_mode
 from .pdl import launch_kwargs
 from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config, gemv_h2_config
 
-_WS: dict[tuple[str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+_WS: dict[tuple[str, str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def workspace(device: torch.device, n_floats: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def workspace(device: torch.device, n_floats: int, n_counters: int,
+              pool: str = "split-K") -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed fp32 partial-sum buffer and int32 tile counters, shared by all layers on a device.
 
     The split-K epilogue leaves both zeroed again, so one buffer serves every launch in stream
-    order. It only grows; growing while a CUDA graph is being captured would break the graph,
-    so that is refused (run one eager call at the largest M first).
+    order (``pool`` keeps users with other layouts apart: the decode attention's partials). It only
+    grows; growing while a CUDA graph is being captured would break the graph, so that is refused
+    (run one eager call at the largest M first).
     """
-    key = (device.type, device.index)
+    key = (pool, device.type, device.index)
     ws, cnt = _WS.get(key, (None, None))
     if ws is None or ws.numel() < n_floats or cnt.numel() < n_counters:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("kernels: split-K workspace must grow during CUDA graph capture; "
+            raise RuntimeError(f"kernels: {pool} workspace must grow during CUDA graph capture; "
                                "run one eager forward at the largest batch before capturing")
         nf = max(n_floats, 0 if ws is None else ws.numel(), 1 << 16)
         nc = max(n_counters, 0 if cnt is None else cnt.numel(), 1 << 12)

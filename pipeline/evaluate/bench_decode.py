@@ -243,6 +243,20 @@ class DecodeModel:
 # ----------------------------------------------------------------------------- timing
 
 
+def capture_step(model: DecodeModel):
+    """One decode step captured in a CUDA graph (on a side stream, as torch requires); the step
+    must have run eagerly once (kernels compiled, autotuned, workspaces sized)."""
+    import torch
+
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        model.step()
+    torch.cuda.current_stream().wait_stream(s)
+    return g
+
+
 def profile_graph(g, steps: int) -> dict:
     """GPU time per step of each (kernel, grid) over ``steps`` replays, from a profiler trace (the
     grid tells the GEMVs of different shapes apart), and the step's span vs the sum of kernel
@@ -304,12 +318,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
         for _ in range(2):  # eager: compiles kernels, sizes the split-K workspace
             model.step()
         torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.cuda.graph(g):
-            model.step()
-        torch.cuda.current_stream().wait_stream(s)
+        g = capture_step(model)
         model.pos.fill_(context)
         for _ in range(3):
             g.replay()

@@ -74,9 +74,9 @@ def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, gen, d
     assert torch.allclose(got.cpu().float(), want.cpu().float(), atol=3e-3, rtol=1e-2), \
         float((got.cpu().float() - want.cpu().float()).abs().max())
     if pos >= block:  # the per-group counters and the workspace are left at zero for the next call
-        from kernels.decode_ops import _ATTN_WS
+        from kernels.dispatch import _WS
 
-        ws, cnt = _ATTN_WS[(torch.device(device).type, torch.device(device).index)]
+        ws, cnt = _WS[("attention", torch.device(device).type, torch.device(device).index)]
         assert int(cnt.abs().sum()) == 0 and float(ws.abs().sum()) == 0.0
         got2 = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=block, splits=splits)
         assert torch.equal(got2.cpu(), got.cpu())

@@ -111,7 +111,7 @@ def test_pdl_decode_step_equals_plain_launches(variant, gen):
     (kernels/pdl.py). Two layers of the 7B decode step, replayed in a CUDA graph with PDL on fresh
     tokens, give the logits of the same step launched plainly and eagerly; a kernel that read its
     input before the wait would see the previous replay's activations and miss by far more."""
-    from pipeline.evaluate.bench_decode import DecodeModel, config_for
+    from pipeline.evaluate.bench_decode import DecodeModel, capture_step, config_for
     from kernels import pdl
 
     cfg = config_for(tiny=False, layers=2)
@@ -127,12 +127,7 @@ def test_pdl_decode_step_equals_plain_launches(variant, gen):
         mp = models[True]
         mp.step()  # eager: compiles, sizes the workspace
         mp.pos.fill_(20)
-        graph = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.cuda.graph(graph):
-            mp.step()
-        torch.cuda.current_stream().wait_stream(s)
+        graph = capture_step(mp)
         mp.pos.fill_(20)
         got = []
         for t in toks:
