@@ -83,12 +83,14 @@ def _check_glu(pw: PackedWeight, glu: int) -> None:
         raise ValueError(f"glu={glu}: needs a multiple of 32 dividing half of out_features ({pw.out_features})")
 
 
-def _glu_after(y: torch.Tensor, glu: int) -> torch.Tensor:
+def _glu_after(y: torch.Tensor, glu: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of ``y`` (gate/up interleaved in blocks of ``glu``) by a second launch; ``y``
+    itself when ``glu`` is 0."""
     if not glu:
         return y
     from .decode_ops import silu_mul
 
-    return silu_mul(y, interleave=glu)
+    return silu_mul(y, out=out, interleave=glu)
 
 
 def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
@@ -122,7 +124,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     if h2 and not h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
     if glu and not h2:  # the portable kernel has no GLU epilogue: a second launch
-        return silu_mul_into(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl), out, glu)
+        return _glu_after(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl), glu, out)
     if accumulate and not h2:  # nor an accumulating one
         return out.add_(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl))
     if glu and cfg.BN % (2 * glu):
@@ -171,12 +173,6 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
-
-
-def silu_mul_into(y: torch.Tensor, out: torch.Tensor, glu: int) -> torch.Tensor:
-    from .decode_ops import silu_mul
-
-    return silu_mul(y, out=out, interleave=glu)
 
 
 def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,

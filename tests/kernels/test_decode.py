@@ -154,6 +154,9 @@ def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
         got = gemv(x, lin.packed, out=out, cfg=cfg, glu=32)
         assert torch.isfinite(got).all()
         assert torch.allclose(got.float(), want.float(), atol=1e-3, rtol=1e-3), float((got - want).abs().max())
+    fp32 = GemvConfig(BN=64, R=4, h2=False)  # the portable GEMV: silu-mul as a second launch
+    assert torch.allclose(gemv(x, lin.packed, cfg=fp32, glu=32).float(),
+                          silu_mul(gemv(x, plain.packed, cfg=fp32), interleave=32).float(), atol=1e-3, rtol=1e-3)
     want = silu_mul(plain(x), interleave=32)  # whichever path the dispatcher takes for this M
     assert torch.allclose(lin(x).float(), want.float(), atol=1e-3, rtol=1e-3)
     # the torch fallback: the plain projection's columns picked by index, then silu * up
