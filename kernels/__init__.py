@@ -9,8 +9,11 @@ Public API (imported lazily, so ``import kernels`` loads neither torch nor trito
   ``quantize_act`` for a chosen path.
 - ``pack`` / ``unpack`` / ``PackedWeight``: the load-time repack (``kernels.layout``).
 - ``kernels.reference``: the float64 fake-quant references.
-- ``kernels.decode_ops``: fused RMSNorm / rotary + KV-cache write / decode attention / SiLU-mul for
+- ``kernels.decode_ops``: fused RMSNorm / rotary + KV-cache write + attention per GQA group
+  (``rope_attention``) / SiLU-mul, and ``interleave_gate_up`` for ``QuantLinear(glu=32)``, for
   graph-captured single-token decode (``vlmq bench decode``).
+- ``kernels.pdl``: ``programmatic_launch()`` turns on programmatic dependent launch for the decode
+  kernels launched inside it (Hopper and newer).
 """
 
 from __future__ import annotations
