@@ -9,6 +9,7 @@ per (bits, group, symmetric, dtype, M bucket, N, K, device) for the life of the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -107,17 +108,18 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
     from . import pdl
 
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if dev is not None and pdl.active(dev) and timer is time_candidates and os.environ.get("VLMQ_AUTOTUNE_PDL", "1") != "0":
-        # under PDL a kernel overlaps the one before it: time it behind a decode glue kernel
+    behind_pdl = (dev is not None and pdl.active(dev) and timer is time_candidates
+                  and os.environ.get("VLMQ_AUTOTUNE_PDL", "1") != "0")
+    if behind_pdl:  # under PDL a kernel overlaps the one before it: time it behind a decode glue kernel
         before = _pdl_predecessor(args[0])
-        times = timer(cands, args, before=before)
-        if len(times) > 2:
-            times = _second_look(times, cands, lambda cs: timer(cs, args, before=before))
+        run = lambda cs: timer(cs, args, before=before)  # noqa: E731
     else:
-        with pdl.programmatic_launch(False):  # each candidate alone, as the kernel benchmarks time it
-            times = timer(cands, args)
-            if timer is time_candidates and len(times) > 2:
-                times = _second_look(times, cands, lambda cs: timer(cs, args))
+        run = lambda cs: timer(cs, args)  # noqa: E731
+    # without PDL each candidate runs alone, as the kernel benchmarks time it
+    with contextlib.nullcontext() if behind_pdl else pdl.programmatic_launch(False):
+        times = run(cands)
+        if timer is time_candidates and len(times) > 2:
+            times = _second_look(times, cands, run)
     if not times:
         return None
     _TRACE[key] = times
