@@ -175,14 +175,57 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     return out
 
 
+def gemm_h2_applies(x: torch.Tensor, pw: PackedWeight) -> bool:
+    """The fp16-pair tensor-core GEMM (gemm_h2.py): W4/W3 with fp16 activations and fp16 scales
+    (the pair decode multiplies by the scale in fp16), W3 groups of whole 32-value chunks."""
+    return (pw.bits in (3, 4) and x.dtype == torch.float16 and pw.scale.dtype == torch.float16
+            and (pw.group_size is None or pw.group_size % pw.plan.values_per_row == 0))
+
+
+def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor | None,
+             cfg: GemmConfig, accumulate: bool) -> torch.Tensor:
+    from .gemm_h2 import gemm_h2_kernel
+
+    if accumulate and (out is None or out.dtype != torch.float32 or tuple(out.shape) != (x.shape[0], pw.out_features)):
+        raise ValueError(f"accumulate needs out: a float32 [{x.shape[0]}, {pw.out_features}] buffer")
+    x, out, zero, b = _common(x, pw, bias, out)
+    if not gemm_h2_applies(x, pw):
+        raise ValueError("the fp16-pair GEMM needs 3/4-bit weights, fp16 x and fp16 scales "
+                         "(and W3 groups that are multiples of 32)")
+    if cfg.BN % 64 or pw.tile % cfg.BN:
+        raise ValueError(f"fp16-pair GEMM BN={cfg.BN} must be a multiple of 64 dividing the layout tile {pw.tile}")
+    m, n = x.shape[0], pw.out_features
+    n_tiles, m_blocks = -(-n // cfg.BN), -(-m // cfg.BM)
+    iters = -(-pw.in_features // 128)  # only blocks holding real k (the padding is all zero codes)
+    split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
+    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
+    gemm_h2_kernel[(n_tiles, split, m_blocks)](
+        x, pw.words, pw.scale, zero, b, out, ws, cnt,
+        m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
+        BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
+        GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate,
+        num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
+    )
+    return out
+
+
 def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, cfg: GemmConfig | None = None) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` with the dequantize-tile + ``tl.dot`` kernel."""
+         out: torch.Tensor | None = None, cfg: GemmConfig | None = None, accumulate: bool = False) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with a dequantize-tile + ``tl.dot`` kernel: the fp16-pair one
+    (gemm_h2.py) when ``cfg.h2``, else gemm.py. ``accumulate``: add into the fp32 ``out`` (as
+    ``gemv``; by a second launch outside the fp16-pair kernel)."""
     from .gemm import gemm_kernel
 
-    x, out, zero, b = _common(x, pw, bias, out)
     m, n = x.shape[0], pw.out_features
     cfg = cfg or gemm_config(pw.bits, m, n, pw.in_features)
+    if cfg.h2:
+        return _gemm_h2(x, pw, bias, out, cfg, accumulate)
+    if accumulate:
+        if out is None or out.dtype != torch.float32:
+            raise ValueError("accumulate needs out: a float32 buffer")
+        return out.add_(gemm(x, pw, bias, cfg=cfg))
+    x, out, zero, b = _common(x, pw, bias, out)
     plan = pw.plan
     bk = cfg.BK
     if 128 % bk or bk % plan.values_per_row:
@@ -298,9 +341,10 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
 
 
 def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
-                acc: bool = False) -> list[tuple[str, object]]:
+                acc: bool = False, tc_pairs: bool = False) -> list[tuple[str, object]]:
     """What the autotuner tries for one M (each entry ``fn(x, pw, bias)``); small on purpose.
-    ``fp16_pairs``: the fp16-pair GEMV applies (W4/W3, fp16 x). ``glu``: each returns silu(gate) *
+    ``fp16_pairs``: the fp16-pair GEMV applies (W4/W3, fp16 x); ``tc_pairs``: the fp16-pair
+    tensor-core GEMM does (``gemm_h2_applies``). ``glu``: each returns silu(gate) *
     up (the fp16-pair GEMV in its epilogue, every other path by a second launch). ``acc``: each is
     ``fn(x, pw, bias, out)`` and adds into the fp32 ``out`` (see ``gemv(accumulate=True)``)."""
     c: list[tuple[str, object]] = []
@@ -314,7 +358,7 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
     def gm(**kw):
         cfg = GemmConfig(**kw)
         if acc:
-            return lambda x, pw, b, o: o.add_(gemm(x, pw, b, cfg=cfg))
+            return lambda x, pw, b, o: gemm(x, pw, b, out=o, cfg=cfg, accumulate=True)
         return lambda x, pw, b: _glu_after(gemm(x, pw, b, cfg=cfg), glu)
 
     if m <= 4 and fp16_pairs:  # gemv_h2.py; run 4 sweep (8192->28672): BN64 best for W4 and W3
@@ -346,6 +390,10 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
               (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8, h2=False))]
         if fp16_pairs:  # of the fp32 GEMV keep the two that won before (run 3), as a reference
             c = c[:-7] + [c[-7], c[-2]]
+    if 2 <= m <= 64 and tc_pairs:  # gemm_h2.py: BN64 ~80 registers (6 programs per SM), BN128 128 (4)
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}", gm(BM=bm, BN=bn, h2=True, waves=wv))
+              for bn, wv in ((64, 6), (64, 4), (64, 8), (128, 4), (128, 2))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128
@@ -381,7 +429,7 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
                pw.in_features, x.device.index, glu, acc, pdl_mode(x.device))
         # timed on a scratch accumulator: the candidates' many calls must not add into the caller's
         timing = (x, pw, bias, torch.zeros_like(acc_out)) if acc and not autotune.decided(key) else args
-        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc), timing)
+        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc, gemm_h2_applies(x, pw)), timing)
         if fn is not None:
             return fn(*args)
     if m <= GEMV_MAX_M:

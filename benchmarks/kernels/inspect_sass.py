@@ -120,7 +120,7 @@ GEMV_SIG_EXTRA = {"n_iters": "i32"}
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["gemv", "gemv_h2", "gemm"])
+    ap.add_argument("kernel", choices=["gemv", "gemv_h2", "gemm", "gemm_h2"])
     ap.add_argument("--depth", type=int, default=1, help="gemv_h2: iterations loaded ahead")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--sym", action="store_true")
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
     ap.add_argument("--stream-k", action="store_true", help="gemv_h2: stream-K grid")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread")
+    ap.add_argument("--ttgir", action="store_true", help="print the TTGIR (layouts, converts)")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
     sig = dict(GEMV_SIG)
@@ -163,6 +164,13 @@ def main() -> None:
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r, EVEN=not a.uneven)
         k = compile_kernel(gemv_kernel, sig, c, a.warps)
         vals = a.r * a.bn * v  # one iteration = R decode rows
+    elif a.kernel == "gemm_h2":
+        from kernels.gemm_h2 import gemm_h2_kernel
+        sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
+        gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
+        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True)
+        k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages)
+        vals = 128 * a.bn
     else:
         from kernels.gemm import gemm_kernel
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.bk // v, BM=a.bm, BN=a.bn, BK=a.bk, GROUP_M=8, TRANS=a.trans)
@@ -170,6 +178,8 @@ def main() -> None:
         vals = a.bk * a.bn
     print(resource_usage(k))
     report(k, f"{a.kernel} b{a.bits} sym={a.sym} g{a.group} {c}", vals)
+    if a.ttgir:
+        print(k.asm["ttgir"])
     if a.sass:
         for b in loops(sass_of(k.asm["cubin"])):
             print("\n".join(b))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,6 +21,10 @@ for s in $STAGES; do
       stamp sweep
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
         --m 1 16 2048 --bits 4 3 --reps 15 --out "$OUT/sweep" 2>&1 | grep -v Warning | tee "$OUT/sweep.log" | tail -60 ;;
+    sweeptc)  # tensor-core paths at small M: fp16-pair fragment-order GEMM (gemm_h2.py) vs the fp32-decode one
+      stamp sweeptc
+      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
+        --m 4 16 64 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

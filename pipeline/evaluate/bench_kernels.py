@@ -56,6 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip cuBLAS fp16 and torch int4")
     p.add_argument("--w4a8", action="store_true", help="add W4A8 rows")
     p.add_argument("--sweep", action="store_true", help="time launch-config variants instead of the defaults")
+    p.add_argument("--only", default="", help="with --sweep: keep the variants whose name contains this")
     p.add_argument("--reps", type=int, default=20, help="timed graph replays")
     p.add_argument("--calls", type=int, default=0, help="calls per graph (0: auto)")
     p.add_argument("--jobs", type=int, default=0, help="processes that pre-compile the kernels (0: auto)")
@@ -98,6 +99,12 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                   (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:
                     out.append((f"h2 BN{bn} R{r} w4 split{sp}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
                                                                  "split": sp, "h2": True}))
+    if 2 <= m <= 64 and bits in (3, 4):  # the fp16-pair tensor-core GEMM (gemm_h2.py)
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        for bn, waves, mr in [(64, 6, None), (64, 4, None), (64, 8, None), (64, 3, None), (64, 8, 64),
+                              (128, 4, None), (128, 3, None), (128, 2, None), (128, 5, 96)]:
+            out.append((f"tc-h2 BM{bm} BN{bn} x{waves}{f' r{mr}' if mr else ''}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64
@@ -130,6 +137,8 @@ def build_cases(a) -> list[Case]:
                 tag = f"W{bits} g{group or 'ch'}{' sym' if a.sym else ''}"
                 if a.sweep:
                     for name, cfg in _sweep_variants(bits, m, k, n):
+                        if a.only and a.only not in name:
+                            continue
                         cases.append(Case(cfg["impl"], k, n, m, bits, group, a.sym, cfg, f"{tag} {name}"))
                 else:
                     cases.append(Case("ours", k, n, m, bits, group, a.sym, {}, f"ours {tag}"))

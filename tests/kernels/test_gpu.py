@@ -46,6 +46,14 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
         outs["dequant+cublas"] = gemm_dequant(x, pw)
         outs["gemm-trans-split"] = gemm(x, pw, cfg=GemmConfig(BM=16, BN=128, BK=128 if bits != 3 else 64,
                                                               trans=True, split=4))
+        if bits in (3, 4) and dtype == torch.float16:  # fp16-pair tensor-core GEMM (gemm_h2.py)
+            bm = 16 if m <= 16 else 64
+            for bn, split in ((64, None), (128, 3)):
+                outs[f"gemm-h2-BN{bn}"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
+                                               cfg=GemmConfig(BM=bm, BN=bn, h2=True, split=split))
+            acc = torch.zeros(m, n, dtype=torch.float32, device="cuda")
+            gemm(x, pw, out=acc, cfg=GemmConfig(BM=bm, BN=64, h2=True, split=4), accumulate=True)
+            outs["gemm-h2-acc"] = acc
         for name, y in outs.items():
             try:
                 assert_matches(y, ref, x, w64, dtype, slack=3.0)

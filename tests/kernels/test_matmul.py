@@ -98,10 +98,10 @@ def test_gemv_small_n(n, gen, device):
     _run_gemv(1, n, 4, 64, False, torch.float16, gen, device, split=2)
 
 
-def _run_gemm(m, n, bits, group, sym, dtype, gen, device, cfg, bias=False):
+def _run_gemm(m, n, bits, group, sym, dtype, gen, device, cfg, bias=False, tile=32):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
-    pw = pack(qw, tile=32, device=device)
+    pw = pack(qw, tile=tile, device=device)
     x = random_x(m, k, dtype, gen, device)
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
@@ -124,6 +124,38 @@ def test_gemm_fp16(bits, sym, group, gen, device):
 def test_gemm_bf16(bits, sym, group, gen, device):
     _run_gemm(17, 33, bits, group, sym, torch.bfloat16, gen, device, GemmConfig(BM=16, BN=32, BK=32, split=2),
               bias=True)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("sym,group", [(False, 128), (True, 32), (False, None), (True, None), (False, 64)])
+def test_gemm_h2(bits, sym, group, gen, device):
+    """fp16-pair tensor-core GEMM (fragment-ordered tile, x permuted to match): odd M, N and K,
+    split-K and bias, several M blocks."""
+    cfg = GemmConfig(BM=16, BN=64, h2=True, split=2)
+    _run_gemm(5, 37, bits, group, sym, torch.float16, gen, device, cfg, bias=True, tile=64)
+    _run_gemm(17, 130, bits, group, sym, torch.float16, gen, device, GemmConfig(BM=16, BN=128, h2=True), tile=128)
+
+
+def test_gemm_h2_accumulate_and_refusals(gen, device):
+    """Accumulate mode adds (twice gives twice); bf16 x, W8, a W3 group the chunk does not divide and a
+    BN the layout tile cannot hold are refused with the reason."""
+    qw = random_qweight(70, 256, 4, 128, False, torch.float16, gen)
+    pw = pack(qw, tile=64, device=device)
+    x = random_x(3, 256, torch.float16, gen, device)
+    acc = torch.zeros(3, 70, dtype=torch.float32, device=device)
+    cfg = GemmConfig(BM=16, BN=64, h2=True, split=2)
+    gemm(x, pw, out=acc, cfg=cfg, accumulate=True)
+    gemm(x, pw, out=acc, cfg=cfg, accumulate=True)
+    assert_matches(acc / 2, linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16, slack=3.0)
+    with pytest.raises(ValueError, match="fp16 x"):
+        gemm(x.bfloat16(), pw, cfg=cfg)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gemm(x, pw, cfg=GemmConfig(BM=16, BN=32, h2=True))
+    with pytest.raises(ValueError, match="float32"):
+        gemm(x, pw, out=torch.zeros(3, 70, dtype=torch.float16, device=device), cfg=cfg, accumulate=True)
+    q8 = random_qweight(70, 256, 8, 128, False, torch.float16, gen)
+    with pytest.raises(ValueError, match="3/4-bit"):
+        gemm(x, pack(q8, tile=64, device=device), cfg=cfg)
 
 
 def test_gemm_block_spans_groups(gen, device):
