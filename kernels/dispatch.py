@@ -183,15 +183,24 @@ def gemm_h2_applies(x: torch.Tensor, pw: PackedWeight) -> bool:
 
 
 def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor | None,
-             cfg: GemmConfig, accumulate: bool) -> torch.Tensor:
+             cfg: GemmConfig, accumulate: bool, glu: int) -> torch.Tensor:
     from .gemm_h2 import gemm_h2_kernel
 
+    _check_glu(pw, glu)
+    if glu and accumulate:
+        raise ValueError("accumulate and glu do not combine (silu-mul needs the finished sums)")
+    if glu and cfg.BN % (2 * glu):
+        raise ValueError(f"fp16-pair GEMM BN={cfg.BN} must hold whole gate/up block pairs (2 x {glu})")
+    if glu and out is None:
+        out = torch.empty(x.shape[0], pw.out_features // 2, dtype=x.dtype, device=x.device)
     if accumulate and (out is None or out.dtype != torch.float32 or tuple(out.shape) != (x.shape[0], pw.out_features)):
         raise ValueError(f"accumulate needs out: a float32 [{x.shape[0]}, {pw.out_features}] buffer")
     x, out, zero, b = _common(x, pw, bias, out)
     if not gemm_h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMM needs 3/4-bit weights, fp16 x and fp16 scales "
                          "(and W3 groups that are multiples of 32)")
+    if not 1 <= cfg.depth <= 4:
+        raise ValueError(f"fp16-pair GEMM depth={cfg.depth}: k-blocks loaded ahead must be 1 to 4")
     if cfg.BN % 64 or pw.tile % cfg.BN:
         raise ValueError(f"fp16-pair GEMM BN={cfg.BN} must be a multiple of 64 dividing the layout tile {pw.tile}")
     m, n = x.shape[0], pw.out_features
@@ -204,23 +213,27 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, DEPTH=cfg.depth, GLU=glu,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
 
 
 def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, cfg: GemmConfig | None = None, accumulate: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, cfg: GemmConfig | None = None, accumulate: bool = False,
+         glu: int = 0) -> torch.Tensor:
     """``x @ W^T (+ bias)`` with a dequantize-tile + ``tl.dot`` kernel: the fp16-pair one
-    (gemm_h2.py) when ``cfg.h2``, else gemm.py. ``accumulate``: add into the fp32 ``out`` (as
-    ``gemv``; by a second launch outside the fp16-pair kernel)."""
+    (gemm_h2.py) when ``cfg.h2``, else gemm.py. ``accumulate`` and ``glu`` as for ``gemv`` (outside
+    the fp16-pair kernel by a second launch)."""
     from .gemm import gemm_kernel
 
     m, n = x.shape[0], pw.out_features
     cfg = cfg or gemm_config(pw.bits, m, n, pw.in_features)
     if cfg.h2:
-        return _gemm_h2(x, pw, bias, out, cfg, accumulate)
+        return _gemm_h2(x, pw, bias, out, cfg, accumulate, glu)
+    if glu:
+        _check_glu(pw, glu)
+        return _glu_after(gemm(x, pw, bias, cfg=cfg), glu, out)
     if accumulate:
         if out is None or out.dtype != torch.float32:
             raise ValueError("accumulate needs out: a float32 buffer")
@@ -359,7 +372,7 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         cfg = GemmConfig(**kw)
         if acc:
             return lambda x, pw, b, o: gemm(x, pw, b, out=o, cfg=cfg, accumulate=True)
-        return lambda x, pw, b: _glu_after(gemm(x, pw, b, cfg=cfg), glu)
+        return lambda x, pw, b: gemm(x, pw, b, cfg=cfg, glu=glu)
 
     if m <= 4 and fp16_pairs:  # gemv_h2.py; run 4 sweep (8192->28672): BN64 best for W4 and W3
         rs = (4, 2) if bits == 3 else (16, 8)
@@ -392,8 +405,9 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
             c = c[:-7] + [c[-7], c[-2]]
     if 2 <= m <= 64 and tc_pairs:  # gemm_h2.py: BN64 ~80 registers (6 programs per SM), BN128 128 (4)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}", gm(BM=bm, BN=bn, h2=True, waves=wv))
-              for bn, wv in ((64, 6), (64, 4), (64, 8), (128, 4), (128, 2))]
+        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' d{d}' if d > 1 else ''}", gm(BM=bm, BN=bn, h2=True, waves=wv, depth=d))
+              for bn, wv, d in ((64, 6, 1), (64, 4, 1), (64, 8, 1), (128, 4, 1), (128, 2, 1), (64, 5, 3), (64, 4, 4),
+                                (64, 2, 4))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

@@ -121,7 +121,7 @@ GEMV_SIG_EXTRA = {"n_iters": "i32"}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("kernel", choices=["gemv", "gemv_h2", "gemm", "gemm_h2"])
-    ap.add_argument("--depth", type=int, default=1, help="gemv_h2: iterations loaded ahead")
+    ap.add_argument("--depth", type=int, default=1, help="gemv_h2 / gemm_h2: iterations loaded ahead")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--group", type=int, default=128)
@@ -168,7 +168,7 @@ def main() -> None:
         from kernels.gemm_h2 import gemm_h2_kernel
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
         gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
-        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True)
+        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True, DEPTH=a.depth)
         k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages)
         vals = 128 * a.bn
     else:

@@ -24,7 +24,7 @@ for s in $STAGES; do
     sweeptc)  # tensor-core paths at small M: fp16-pair fragment-order GEMM (gemm_h2.py) vs the fp32-decode one
       stamp sweeptc
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
-        --m 4 16 64 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
+        --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

@@ -169,6 +169,30 @@ def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
         QuantLinear.from_quantized(qw, glu=48)
 
 
+@pytest.mark.parametrize("bits,split", [(4, 1), (3, 3)])
+def test_glu_gemm_h2_equals_gemm_then_silu_mul(bits, split, gen, device):
+    """The fp16-pair tensor-core GEMM's silu-mul epilogue (batch decode) equals the plain product
+    followed by silu_mul, with and without split-K."""
+    from kernels.decode_ops import interleave_gate_up
+    from kernels.dispatch import gemm
+    from kernels.layout import pack
+    from kernels.tuning import GemmConfig
+    from kt_helpers import random_qweight, random_x
+
+    inter, k, m = 96, 384, 5
+    qg = random_qweight(inter, k, bits, 128, False, torch.float16, gen)
+    qu = random_qweight(inter, k, bits, 128, False, torch.float16, gen)
+    qw = type(qg)(interleave_gate_up(qg.qweight, qu.qweight, 32), interleave_gate_up(qg.scale, qu.scale, 32),
+                  interleave_gate_up(qg.zero, qu.zero, 32), qg.scheme)
+    pw = pack(qw, tile=64, device=device)
+    x = random_x(m, k, torch.float16, gen, device)
+    cfg = GemmConfig(BM=16, BN=64, h2=True, split=split)
+    want = silu_mul(gemm(x, pw, cfg=cfg), interleave=32)
+    got = gemm(x, pw, out=torch.full((m, inter), float("nan"), dtype=torch.float16, device=device), cfg=cfg, glu=32)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.float(), want.float(), atol=1e-3, rtol=1e-3), float((got - want).abs().max())
+
+
 @pytest.mark.parametrize("bits,m,split", [(4, 1, 3), (3, 2, 1), (4, 3, 2), (4, 1, "stream-k")])
 def test_accumulating_gemv_adds_into_fp32(bits, m, split, gen, device):
     """gemv(accumulate=True) adds x @ W^T + b into an fp32 buffer (every k-split straight in, the

@@ -136,6 +136,15 @@ def test_gemm_h2(bits, sym, group, gen, device):
     _run_gemm(17, 130, bits, group, sym, torch.float16, gen, device, GemmConfig(BM=16, BN=128, h2=True), tile=128)
 
 
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_gemm_h2_depth(depth, gen, device):
+    """k-blocks loaded 2-4 ahead: the rotation of the register buffers keeps every block once, also when
+    a split has fewer blocks than the depth."""
+    for split in (1, 3):
+        _run_gemm(3, 37, 4 if depth != 3 else 3, 128, False, torch.float16, gen, device,
+                  GemmConfig(BM=16, BN=64, h2=True, split=split, depth=depth), bias=True, tile=64)
+
+
 def test_gemm_h2_accumulate_and_refusals(gen, device):
     """Accumulate mode adds (twice gives twice); bf16 x, W8, a W3 group the chunk does not divide and a
     BN the layout tile cannot hold are refused with the reason."""
