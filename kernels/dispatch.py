@@ -403,11 +403,14 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
               (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8, h2=False))]
         if fp16_pairs:  # of the fp32 GEMV keep the two that won before (run 3), as a reference
             c = c[:-7] + [c[-7], c[-2]]
-    if 2 <= m <= 64 and tc_pairs:  # gemm_h2.py: BN64 ~80 registers (6 programs per SM), BN128 128 (4)
+    if 2 <= m <= 64 and tc_pairs:  # gemm_h2.py: BN64 ~80-90 registers (6-5 programs per SM), BN128 capped at
+        # 128 (4; W4 g128 needs 132 uncapped, no spills at 128 in sm_90 SASS); run 9: loading 2-4 k-blocks
+        # ahead lost to one everywhere but W3 BN64 on long K
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' d{d}' if d > 1 else ''}", gm(BM=bm, BN=bn, h2=True, waves=wv, depth=d))
-              for bn, wv, d in ((64, 6, 1), (64, 4, 1), (64, 8, 1), (128, 4, 1), (128, 2, 1), (64, 5, 3), (64, 4, 4),
-                                (64, 2, 4))]
+        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' d{d}' if d > 1 else ''}{f' r{r}' if r else ''}",
+               gm(BM=bm, BN=bn, h2=True, waves=wv, depth=d, maxnreg=r))
+              for bn, wv, d, r in ((64, 6, 1, None), (64, 4, 1, None), (64, 8, 1, 64), (128, 4, 1, 128),
+                                   (128, 2, 1, 128), (128, 3, 1, None), (64, 5, 2, None))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

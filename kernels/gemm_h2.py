@@ -44,6 +44,78 @@ def _scale(t, s2, ASM: tl.constexpr):
     return r
 
 
+# 1024 + code as fp16 pairs, nothing subtracted or scaled (scale and zero point after the dot).
+# W4 word -> pairs (u_j, u_{j+4}), j = 0..3 ($4 the word).
+_RAW4: tl.constexpr = tl.constexpr("""{
+.reg .b32 s;
+lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;
+shr.u32 s, $4, 4;
+lop3.b32 $1, s, 0x000f000f, 0x64006400, 0xea;
+shr.u32 s, $4, 8;
+lop3.b32 $2, s, 0x000f000f, 0x64006400, 0xea;
+shr.u32 s, $4, 12;
+lop3.b32 $3, s, 0x000f000f, 0x64006400, 0xea;
+}""")
+
+# W3 word -> pairs (u_2i, u_2i+1), i = 0..4 ($5 the word).
+_RAW3: tl.constexpr = tl.constexpr("""{
+.reg .b32 s;
+lop3.b32 $0, $5, 0x00070007, 0x64006400, 0xea;
+shr.u32 s, $5, 3;
+lop3.b32 $1, s, 0x00070007, 0x64006400, 0xea;
+shr.u32 s, $5, 6;
+lop3.b32 $2, s, 0x00070007, 0x64006400, 0xea;
+shr.u32 s, $5, 9;
+lop3.b32 $3, s, 0x00070007, 0x64006400, 0xea;
+shr.u32 s, $5, 12;
+lop3.b32 $4, s, 0x00070007, 0x64006400, 0xea;
+}""")
+
+# W3 values 30/31 of a chunk (bits 15/31 of A, B, C) as 1024 + code ($1 A, $2 B, $3 C).
+_RAW3_TOP: tl.constexpr = tl.constexpr("""{
+.reg .b32 a, b, c, t;
+shr.u32 a, $1, 15;
+shr.u32 b, $2, 14;
+shr.u32 c, $3, 13;
+lop3.b32 t, a, 0x00010001, 0x64006400, 0xea;
+lop3.b32 t, b, 0x00020002, t, 0xea;
+lop3.b32 $0, c, 0x00040004, t, 0xea;
+}""")
+
+
+@triton.jit
+def _raw4(w, ASM: tl.constexpr):
+    """W4 word -> fp16 pairs (1024 + u_j, 1024 + u_{j+4}), j = 0..3."""
+    if ASM:
+        t0, t1, t2, t3 = tl.inline_asm_elementwise(_RAW4, "=r,=r,=r,=r,r", [w],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)
+    else:
+        t0, t1, t2, t3 = _dec4(w, w, w, -1024.0, False)  # the twin's u - z with z = -1024
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _raw3(w, ASM: tl.constexpr):
+    """W3 word -> fp16 pairs (1024 + u_2i, 1024 + u_2i+1), i = 0..4."""
+    if ASM:
+        t0, t1, t2, t3, t4 = tl.inline_asm_elementwise(_RAW3, "=r,=r,=r,=r,=r,r", [w],
+                                                       dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
+                                                       is_pure=True, pack=1)
+    else:
+        t0, t1, t2, t3, t4 = _dec3(w, w, w, w, -1024.0, False)
+    return t0, t1, t2, t3, t4
+
+
+@triton.jit
+def _raw3_top(a, b, c, ASM: tl.constexpr):
+    if ASM:
+        t = tl.inline_asm_elementwise(_RAW3_TOP, "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        t = _dec3_top(a, b, c, a, -1024.0, False)
+    return t
+
+
 @triton.jit
 def _halves(p, ASM: tl.constexpr):
     """int32 fp16 pairs ``[...]`` -> fp16 ``[..., 2]`` (low half first): a register rename on the GPU."""
@@ -63,12 +135,16 @@ def _join4(a, b, c, d):
 
 
 @triton.jit
-def _tile_w4(w, s2, za, zb, zf, SCALE: tl.constexpr, ASM: tl.constexpr):
-    """Words ``[KB, NR, 2, 4, 8, 4]`` (see ``_index``) -> fp16 tile ``[BN, 32 KB]`` in fragment order."""
+def _tile_w4(w, s2, za, zb, zf, SCALE: tl.constexpr, ASM: tl.constexpr, RAW: tl.constexpr = False):
+    """Words ``[KB, NR, 2, 4, 8, 4]`` (see ``_index``) -> fp16 tile ``[BN, 32 KB]`` in fragment order:
+    ``(u - z) * s`` (SCALE) or ``u - z``, or RAW: ``1024 + u``."""
     KB: tl.constexpr = w.shape[0]
     NR: tl.constexpr = w.shape[1]
-    t0, t1, t2, t3 = _dec4(w, za, zb, zf, ASM)
-    if SCALE:
+    if RAW:
+        t0, t1, t2, t3 = _raw4(w, ASM)
+    else:
+        t0, t1, t2, t3 = _dec4(w, za, zb, zf, ASM)
+    if SCALE and not RAW:
         t0 = _scale(t0, s2, ASM)
         t1 = _scale(t1, s2, ASM)
         t2 = _scale(t2, s2, ASM)
@@ -79,14 +155,21 @@ def _tile_w4(w, s2, za, zb, zf, SCALE: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, SCALE: tl.constexpr, ASM: tl.constexpr):
-    """Chunks ``[1, NR, 2, 4, 8, 4]`` (3 words each) -> fp16 tile ``[BN, 128]`` in fragment order."""
+def _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, SCALE: tl.constexpr, ASM: tl.constexpr, RAW: tl.constexpr = False):
+    """Chunks ``[1, NR, 2, 4, 8, 4]`` (3 words each) -> fp16 tile ``[BN, 128]`` in fragment order
+    (values as ``_tile_w4``)."""
     NR: tl.constexpr = w0.shape[1]
-    a0, a1, a2, a3, a4 = _dec3(w0, za, zb, zc, zf, ASM)
-    b0, b1, b2, b3, b4 = _dec3(w1, za, zb, zc, zf, ASM)
-    c0, c1, c2, c3, c4 = _dec3(w2, za, zb, zc, zf, ASM)
-    c5 = _dec3_top(w0, w1, w2, za, zf, ASM)
-    if SCALE:
+    if RAW:
+        a0, a1, a2, a3, a4 = _raw3(w0, ASM)
+        b0, b1, b2, b3, b4 = _raw3(w1, ASM)
+        c0, c1, c2, c3, c4 = _raw3(w2, ASM)
+        c5 = _raw3_top(w0, w1, w2, ASM)
+    else:
+        a0, a1, a2, a3, a4 = _dec3(w0, za, zb, zc, zf, ASM)
+        b0, b1, b2, b3, b4 = _dec3(w1, za, zb, zc, zf, ASM)
+        c0, c1, c2, c3, c4 = _dec3(w2, za, zb, zc, zf, ASM)
+        c5 = _dec3_top(w0, w1, w2, za, zf, ASM)
+    if SCALE and not RAW:
         a0, a1, a2, a3, a4 = (_scale(a0, s2, ASM), _scale(a1, s2, ASM), _scale(a2, s2, ASM), _scale(a3, s2, ASM),
                               _scale(a4, s2, ASM))
         b0, b1, b2, b3, b4 = (_scale(b0, s2, ASM), _scale(b1, s2, ASM), _scale(b2, s2, ASM), _scale(b3, s2, ASM),
@@ -103,6 +186,13 @@ def _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, SCALE: tl.constexpr, ASM: tl.conste
     f = tl.reshape(_halves(t, ASM), (NR, 2, 4, 8, 4, 16, 2))  # [nr, n3, nh, nl, c, p, b]
     # column 32 s' + 16 s + 8 h + 2 c + b with p = 4 s' + 2 s + h, i.e. 8 p + 2 c + b
     return tl.reshape(tl.permute(f, (0, 2, 1, 3, 5, 4, 6)), (NR * 64, 128))
+
+
+@triton.jit
+def _nvec(v, BN: tl.constexpr):
+    """A per-row quantity loaded as ``[1, NR, 2, 4, 8, 1]`` (see ``_index``) -> ``[BN]`` in row order."""
+    NR: tl.constexpr = v.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(v, (NR, 2, 4, 8)), (0, 2, 1, 3)), (BN,))
 
 
 @triton.jit
@@ -210,14 +300,17 @@ def gemm_h2_kernel(
     wbase = (n0 // T) * (rows_total * WPR * T) + (n0 % T) + rows
     sz = (n0 // T) * (groups_pad * T) + (n0 % T)
     szbase = sz + rows
+    szvec = sz + tl.arange(0, BN)
     kk0 = tl.arange(0, BK_H2)
+    # POST (one group per k-block): the tile is u - z and the group's scale multiplies its partial
+    # sums (BN x BM FMAs instead of a pair multiply per two weights). Per-channel: the tile is the
+    # bare 1024 + u, the dot sum_k x_k (1024 + u_k), and after the loop -(1024 + z) sum_k x_k and the
+    # scale are applied; the cancellation costs about 2^-24 * 1024 / |u - z| of the sum, far inside
+    # the 16-bit output's 2^-11.
+    RPI: tl.constexpr = 16 if BITS == 4 else 4
+    POST: tl.constexpr = PER_CHANNEL or GROUP_ROWS >= RPI
 
-    if PER_CHANNEL:
-        zsrc = szbase
-        if not SYM:
-            zsrc = _ldg(zero_ptr + szbase, ASM)
-        zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
-        s2 = za
+    xacc = tl.zeros([BM, BK_H2], dtype=tl.float32)  # per-channel: x summed over k-blocks
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     # loads issued DEPTH (1-4) iterations ahead, by inline PTX so that they keep the fragment layout
     # (a tl.range cp.async ring instead made Triton convert the decoded tile through shared memory:
@@ -261,18 +354,38 @@ def gemm_h2_kernel(
         kk = it * BK_H2 + kk0
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if not PER_CHANNEL:
+        if PER_CHANNEL:  # bare 1024 + u; the zero point and the scale after the loop
+            if BITS == 4:
+                wt = _tile_w4(w0, w0, w0, w0, 0.0, False, ASM, True)
+            else:
+                wt = _tile_w3(w0, w1, w2, w0, w0, w0, w0, 0.0, False, ASM, True)
+            acc = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)), acc)
+            xacc += xa.to(tl.float32)  # reduced over k once, after the loop
+        elif POST:  # u - z (exact); the group's scale multiplies its partial sums
+            zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, w0, ASM)
+            if BITS == 4:
+                wt = _tile_w4(w0, w0, za, zb, zf, False, ASM)
+            else:
+                wt = _tile_w3(w0, w1, w2, w0, za, zb, zc, zf, False, ASM)
+            part = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)))
+            acc += _nvec(s, BN).to(tl.float32)[:, None] * part
+        else:
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, w0, ASM)
             hs = _bits(s)
             s2 = hs | (hs << 16)
-        if BITS == 4:
-            wt = _tile_w4(w0, s2, za, zb, zf, not PER_CHANNEL, ASM)
-        else:
-            wt = _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, not PER_CHANNEL, ASM)
-        acc = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)), acc)
-    y = tl.trans(acc)  # [BM, BN]
+            if BITS == 4:
+                wt = _tile_w4(w0, s2, za, zb, zf, True, ASM)
+            else:
+                wt = _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, True, ASM)
+            acc = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)), acc)
     if PER_CHANNEL:
-        y *= tl.load(scale_ptr + sz + tl.arange(0, BN)).to(tl.float32)[None, :]
+        if SYM:
+            zoff = tl.full([BN], 1024.0 + OFFSET, tl.float32)
+        else:
+            zoff = tl.load(zero_ptr + szvec).to(tl.float32) + 1024.0
+        xsum = tl.sum(xacc, axis=1)
+        acc = (acc - zoff[:, None] * xsum[None, :]) * tl.load(scale_ptr + szvec).to(tl.float32)[:, None]
+    y = tl.trans(acc)  # [BM, BN]
     if ACC:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)

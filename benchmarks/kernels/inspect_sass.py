@@ -169,7 +169,7 @@ def main() -> None:
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
         gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
         c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True, DEPTH=a.depth)
-        k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages)
+        k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages, maxnreg=a.maxnreg or None)
         vals = 128 * a.bn
     else:
         from kernels.gemm import gemm_kernel

@@ -101,10 +101,9 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                                                  "split": sp, "h2": True}))
     if 2 <= m <= 64 and bits in (3, 4):  # the fp16-pair tensor-core GEMM (gemm_h2.py)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        for bn, waves, mr, d in [(64, 6, None, 1), (64, 8, 64, 1), (128, 4, None, 1), (128, 2, None, 1),
-                                 (64, 5, None, 2), (64, 8, None, 2), (64, 5, None, 3), (64, 8, None, 3),
-                                 (64, 4, None, 4), (64, 2, None, 4), (64, 8, None, 4), (128, 3, None, 2),
-                                 (128, 2, None, 2)]:
+        for bn, waves, mr, d in [(64, 6, None, 1), (64, 4, None, 1), (64, 8, 64, 1), (128, 4, None, 1),
+                                 (128, 4, 128, 1), (128, 2, 128, 1), (128, 3, None, 1), (64, 5, None, 2),
+                                 (64, 5, None, 3)]:
             out.append((f"tc-h2 BM{bm} BN{bn} x{waves}{f' r{mr}' if mr else ''}{f' d{d}' if d > 1 else ''}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr, "depth": d}))
     if 4 <= m <= 64:

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("bits,group,sym,dtype", [(4, 128, False, torch.float16), (4, 128, True, torch.bfloat16),
                                                   (3, 128, False, torch.float16), (3, None, True, torch.bfloat16),
                                                   (2, 64, False, torch.bfloat16), (8, None, True, torch.float16),
-                                                  (4, 32, False, torch.float16)])
+                                                  (4, 32, False, torch.float16), (4, None, False, torch.float16)])
 def test_all_paths_agree(bits, group, sym, dtype, gen):
     n, k = 1000, 2048 if group != 32 else 1024
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
