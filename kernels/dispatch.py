@@ -407,10 +407,12 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         # 128 (4; W4 g128 needs 132 uncapped, no spills at 128 in sm_90 SASS); run 9: loading 2-4 k-blocks
         # ahead lost to one everywhere but W3 BN64 on long K
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' d{d}' if d > 1 else ''}{f' r{r}' if r else ''}",
-               gm(BM=bm, BN=bn, h2=True, waves=wv, depth=d, maxnreg=r))
-              for bn, wv, d, r in ((64, 6, 1, None), (64, 4, 1, None), (64, 8, 1, 64), (128, 4, 1, 128),
-                                   (128, 2, 1, 128), (128, 3, 1, None), (64, 5, 2, None))]
+        # 8 warps: one warpgroup per 64 rows (BN128 82 registers: 3 programs of 8 warps per SM)
+        c += [(f"tc-h2 BM{bm} BN{bn} w{w} x{wv}{f' d{d}' if d > 1 else ''}{f' r{r}' if r else ''}",
+               gm(BM=bm, BN=bn, h2=True, waves=wv, depth=d, maxnreg=r, num_warps=w))
+              for bn, w, wv, d, r in ((64, 4, 6, 1, None), (64, 4, 4, 1, None), (64, 4, 8, 1, 64), (128, 4, 4, 1, 128),
+                                      (128, 4, 2, 1, 128), (128, 4, 3, 1, None), (64, 4, 5, 2, None),
+                                      (128, 8, 3, 1, None), (256, 8, 2, 1, 128))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

@@ -136,10 +136,10 @@ def _join4(a, b, c, d):
 
 @triton.jit
 def _tile_w4(w, s2, za, zb, zf, SCALE: tl.constexpr, ASM: tl.constexpr, RAW: tl.constexpr = False):
-    """Words ``[KB, NR, 2, 4, 8, 4]`` (see ``_index``) -> fp16 tile ``[BN, 32 KB]`` in fragment order:
+    """Words ``[KB, 2, NR, 4, 8, 4]`` (see ``_index``) -> fp16 tile ``[BN, 32 KB]`` in fragment order:
     ``(u - z) * s`` (SCALE) or ``u - z``, or RAW: ``1024 + u``."""
     KB: tl.constexpr = w.shape[0]
-    NR: tl.constexpr = w.shape[1]
+    NR: tl.constexpr = w.shape[2]
     if RAW:
         t0, t1, t2, t3 = _raw4(w, ASM)
     else:
@@ -149,16 +149,16 @@ def _tile_w4(w, s2, za, zb, zf, SCALE: tl.constexpr, ASM: tl.constexpr, RAW: tl.
         t1 = _scale(t1, s2, ASM)
         t2 = _scale(t2, s2, ASM)
         t3 = _scale(t3, s2, ASM)
-    f = tl.reshape(_halves(_join4(t0, t1, t2, t3), ASM), (KB, NR, 2, 4, 8, 4, 4, 2))  # [.., c, j, b]
+    f = tl.reshape(_halves(_join4(t0, t1, t2, t3), ASM), (KB, 2, NR, 4, 8, 4, 4, 2))  # [.., c, j, b]
     # -> [nr, nh, n3, nl, kb, j, c, b]: row nr*64 + nh*16 + n3*8 + nl, column 32 kb + 8 j + 2 c + b
-    return tl.reshape(tl.permute(f, (1, 3, 2, 4, 0, 6, 5, 7)), (NR * 64, KB * 32))
+    return tl.reshape(tl.permute(f, (2, 3, 1, 4, 0, 6, 5, 7)), (NR * 64, KB * 32))
 
 
 @triton.jit
 def _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, SCALE: tl.constexpr, ASM: tl.constexpr, RAW: tl.constexpr = False):
-    """Chunks ``[1, NR, 2, 4, 8, 4]`` (3 words each) -> fp16 tile ``[BN, 128]`` in fragment order
+    """Chunks ``[1, 2, NR, 4, 8, 4]`` (3 words each) -> fp16 tile ``[BN, 128]`` in fragment order
     (values as ``_tile_w4``)."""
-    NR: tl.constexpr = w0.shape[1]
+    NR: tl.constexpr = w0.shape[2]
     if RAW:
         a0, a1, a2, a3, a4 = _raw3(w0, ASM)
         b0, b1, b2, b3, b4 = _raw3(w1, ASM)
@@ -183,16 +183,16 @@ def _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, SCALE: tl.constexpr, ASM: tl.conste
     q2 = tl.join(tl.join(a2, c0), tl.join(b1, c4))  # p = 2, 10, 6, 14
     q3 = tl.join(tl.join(a3, c1), tl.join(b2, c5))  # p = 3, 11, 7, 15
     t = tl.join(tl.join(q0, q2), tl.join(q1, q3))
-    f = tl.reshape(_halves(t, ASM), (NR, 2, 4, 8, 4, 16, 2))  # [nr, n3, nh, nl, c, p, b]
+    f = tl.reshape(_halves(t, ASM), (2, NR, 4, 8, 4, 16, 2))  # [n3, nr, nh, nl, c, p, b]
     # column 32 s' + 16 s + 8 h + 2 c + b with p = 4 s' + 2 s + h, i.e. 8 p + 2 c + b
-    return tl.reshape(tl.permute(f, (0, 2, 1, 3, 5, 4, 6)), (NR * 64, 128))
+    return tl.reshape(tl.permute(f, (1, 2, 0, 3, 5, 4, 6)), (NR * 64, 128))
 
 
 @triton.jit
 def _nvec(v, BN: tl.constexpr):
-    """A per-row quantity loaded as ``[1, NR, 2, 4, 8, 1]`` (see ``_index``) -> ``[BN]`` in row order."""
-    NR: tl.constexpr = v.shape[1]
-    return tl.reshape(tl.permute(tl.reshape(v, (NR, 2, 4, 8)), (0, 2, 1, 3)), (BN,))
+    """A per-row quantity loaded as ``[1, 2, NR, 4, 8, 1]`` (see ``_index``) -> ``[BN]`` in row order."""
+    NR: tl.constexpr = v.shape[2]
+    return tl.reshape(tl.permute(tl.reshape(v, (2, NR, 4, 8)), (1, 2, 0, 3)), (BN,))
 
 
 @triton.jit
@@ -208,13 +208,14 @@ def _x_fragment_order(xa, BITS: tl.constexpr):
 
 @triton.jit
 def _index(NR: tl.constexpr, KB: tl.constexpr):
-    """Index tensors of the words ``[KB, NR, 2, 4, 8, 4]``: tile row ``nr*64 + nh*16 + n3*8 + nl`` and
-    slab ``kb``, lane ``c``. The last two dimensions (c, nl) fill a warp's 32 lanes and nh its 4
-    warps in Triton's default layout for this shape, the rest sit in registers: exactly where the
-    MMA's A fragments hold these rows and columns, so the decoded tile needs no layout conversion."""
+    """Index tensors of the words ``[KB, 2, NR, 4, 8, 4]``: tile row ``nr*64 + nh*16 + n3*8 + nl``, slab
+    ``kb``, lane ``c``. In Triton's default layout for this shape the last two dimensions (c, nl) fill a
+    warp's 32 lanes and the next ones (nh, then nr) its warps, the rest sit in registers: exactly where
+    the MMA's A fragments hold these rows and columns (4 warps: nr in registers; 8 warps: one warpgroup
+    per nr), so the decoded tile needs no layout conversion."""
     kb = tl.arange(0, KB)[:, None, None, None, None, None]
-    nr = tl.arange(0, NR)[None, :, None, None, None, None]
-    n3 = tl.arange(0, 2)[None, None, :, None, None, None]
+    n3 = tl.arange(0, 2)[None, :, None, None, None, None]
+    nr = tl.arange(0, NR)[None, None, :, None, None, None]
     nh = tl.arange(0, 4)[None, None, None, :, None, None]
     nl = tl.arange(0, 8)[None, None, None, None, :, None]
     c = tl.arange(0, 4)[None, None, None, None, None, :]

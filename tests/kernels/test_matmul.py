@@ -134,6 +134,9 @@ def test_gemm_h2(bits, sym, group, gen, device):
     cfg = GemmConfig(BM=16, BN=64, h2=True, split=2)
     _run_gemm(5, 37, bits, group, sym, torch.float16, gen, device, cfg, bias=True, tile=64)
     _run_gemm(17, 130, bits, group, sym, torch.float16, gen, device, GemmConfig(BM=16, BN=128, h2=True), tile=128)
+    if group == 128:  # four 64-row slabs (two warpgroups of 8 warps on the GPU)
+        _run_gemm(3, 200, bits, group, sym, torch.float16, gen, device,
+                  GemmConfig(BM=16, BN=256, h2=True, num_warps=8, split=3), tile=256)
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
