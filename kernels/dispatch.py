@@ -207,13 +207,20 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
     n_tiles, m_blocks = -(-n // cfg.BN), -(-m // cfg.BM)
     iters = -(-pw.in_features // 128)  # only blocks holding real k (the padding is all zero codes)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
-    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
-    gemm_h2_kernel[(n_tiles, split, m_blocks)](
+    if cfg.stream_k:  # programs = one wave; each takes `per` consecutive (tile, k-block) units
+        units = n_tiles * iters
+        progs = max(1, min(units, int(sm_count(x.device) * cfg.waves) // m_blocks))
+        per = -(-units // progs)
+        split = -(-units // per)  # the grid's first dimension
+    ws, cnt = (workspace(x.device, m * n, n_tiles * m_blocks) if (split > 1 or cfg.stream_k) and not accumulate
+               else (out, out))
+    gemm_h2_kernel[(split, 1, m_blocks) if cfg.stream_k else (n_tiles, split, m_blocks)](
         x, pw.words, pw.scale, zero, b, out, ws, cnt,
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, DEPTH=cfg.depth, GLU=glu,
+        HAS_BIAS=bias is not None, SPLIT=split > 1 or cfg.stream_k, ASM=not interpreting(), ACC=accumulate,
+        DEPTH=cfg.depth, GLU=glu, STREAMK=cfg.stream_k, n_tiles=n_tiles,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
@@ -413,6 +420,10 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
               for bn, w, wv, d, r in ((64, 4, 6, 1, None), (64, 4, 4, 1, None), (64, 4, 8, 1, 64), (128, 4, 4, 1, 128),
                                       (128, 4, 2, 1, 128), (128, 4, 3, 1, None), (64, 4, 5, 2, None),
                                       (128, 8, 3, 1, None), (256, 8, 2, 1, 128))]
+        # stream-K: one full wave of equal work (8192->28672 at BN128 fills 448 of 528 slots otherwise)
+        c += [(f"tc-h2 BM{bm} BN{bn} w4 sk{wv}{f' r{r}' if r else ''}",
+               gm(BM=bm, BN=bn, h2=True, waves=wv, maxnreg=r, stream_k=True))
+              for bn, wv, r in ((128, 4, 128), (64, 5, None))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

@@ -274,24 +274,18 @@ def _loads(words_ptr, scale_ptr, zero_ptr, it, wbase, szbase, kb, c, BITS: tl.co
 
 
 @triton.jit
-def gemm_h2_kernel(
+def _tc_segment(
+    pid_n, pid_m, it0, it1, expected, cnt_idx,
     x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
+    M, N, K, stride_xm, stride_om, rows_total, groups_pad,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, ACC: tl.constexpr = False, DEPTH: tl.constexpr = 1, GLU: tl.constexpr = 0,
+    ASM: tl.constexpr, ACC: tl.constexpr, DEPTH: tl.constexpr, GLU: tl.constexpr,
 ):
-    """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
-    block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
-    into a zeroed fp32 ``out`` (as gemv_h2's accumulate mode). GLU: silu-mul epilogue over gate/up
-    blocks of GLU (decode.store_out)."""
+    """k-blocks [it0, it1) of column tile ``pid_n`` and row block ``pid_m``, then the epilogue
+    (``expected`` programs add into tile ``cnt_idx``; one: a plain store)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(2)
-    it0 = tl.program_id(1) * iters_per_split
-    it1 = tl.minimum(it0 + iters_per_split, n_iters)
-
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     n0 = pid_n * BN  # BN divides T
@@ -395,4 +389,42 @@ def gemm_h2_kernel(
                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
     else:
         splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                        pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU, tl.num_programs(1))
+                        cnt_idx, HAS_BIAS, SPLIT, GLU, expected)
+
+
+@triton.jit
+def gemm_h2_kernel(
+    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
+    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    ASM: tl.constexpr, ACC: tl.constexpr = False, DEPTH: tl.constexpr = 1, GLU: tl.constexpr = 0,
+    STREAMK: tl.constexpr = False, n_tiles=1,
+):
+    """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
+    block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
+    into a zeroed fp32 ``out`` (as gemv_h2's accumulate mode). GLU: silu-mul epilogue over gate/up
+    blocks of GLU (decode.store_out). STREAMK: program p takes units [p * iters_per_split, ...) of the
+    ``n_tiles x n_iters`` (tile, k-block) units, as gemv_h2 does (grid (programs, 1, M blocks))."""
+    pid_m = tl.program_id(2)
+    if STREAMK:
+        u = tl.program_id(0) * iters_per_split
+        u_end = tl.minimum(u + iters_per_split, n_tiles * n_iters)
+        while u < u_end:
+            t = u // n_iters
+            it0 = u - t * n_iters
+            it1 = tl.minimum(n_iters, it0 + (u_end - u))
+            expected = ((t + 1) * n_iters - 1) // iters_per_split - (t * n_iters) // iters_per_split + 1
+            _tc_segment(t, pid_m, it0, it1, expected, pid_m * n_tiles + t,
+                        x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, stride_xm, stride_om, rows_total, groups_pad,
+                        BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, HAS_BIAS, SPLIT, ASM, ACC, DEPTH, GLU)
+            u += it1 - it0
+    else:
+        pid_n = tl.program_id(0)
+        it0 = tl.program_id(1) * iters_per_split
+        it1 = tl.minimum(it0 + iters_per_split, n_iters)
+        _tc_segment(pid_n, pid_m, it0, it1, tl.num_programs(1), pid_m * tl.num_programs(0) + pid_n,
+                    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                    M, N, K, stride_xm, stride_om, rows_total, groups_pad,
+                    BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, HAS_BIAS, SPLIT, ASM, ACC, DEPTH, GLU)
