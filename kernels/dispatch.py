@@ -199,28 +199,19 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
     if not gemm_h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMM needs 3/4-bit weights, fp16 x and fp16 scales "
                          "(and W3 groups that are multiples of 32)")
-    if not 1 <= cfg.depth <= 4:
-        raise ValueError(f"fp16-pair GEMM depth={cfg.depth}: k-blocks loaded ahead must be 1 to 4")
     if cfg.BN % 64 or pw.tile % cfg.BN:
         raise ValueError(f"fp16-pair GEMM BN={cfg.BN} must be a multiple of 64 dividing the layout tile {pw.tile}")
     m, n = x.shape[0], pw.out_features
     n_tiles, m_blocks = -(-n // cfg.BN), -(-m // cfg.BM)
     iters = -(-pw.in_features // 128)  # only blocks holding real k (the padding is all zero codes)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
-    if cfg.stream_k:  # programs = one wave; each takes `per` consecutive (tile, k-block) units
-        units = n_tiles * iters
-        progs = max(1, min(units, int(sm_count(x.device) * cfg.waves) // m_blocks))
-        per = -(-units // progs)
-        split = -(-units // per)  # the grid's first dimension
-    ws, cnt = (workspace(x.device, m * n, n_tiles * m_blocks) if (split > 1 or cfg.stream_k) and not accumulate
-               else (out, out))
-    gemm_h2_kernel[(split, 1, m_blocks) if cfg.stream_k else (n_tiles, split, m_blocks)](
+    ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
+    gemm_h2_kernel[(n_tiles, split, m_blocks)](
         x, pw.words, pw.scale, zero, b, out, ws, cnt,
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1 or cfg.stream_k, ASM=not interpreting(), ACC=accumulate,
-        DEPTH=cfg.depth, GLU=glu, STREAMK=cfg.stream_k, n_tiles=n_tiles,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, GLU=glu,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
@@ -410,20 +401,12 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
               (f"gemv BN128 R{rs[1]} x8", gv(BN=128, R=rs[1], waves=8, h2=False))]
         if fp16_pairs:  # of the fp32 GEMV keep the two that won before (run 3), as a reference
             c = c[:-7] + [c[-7], c[-2]]
-    if 2 <= m <= 64 and tc_pairs:  # gemm_h2.py: BN64 ~80-90 registers (6-5 programs per SM), BN128 capped at
-        # 128 (4; W4 g128 needs 132 uncapped, no spills at 128 in sm_90 SASS); run 9: loading 2-4 k-blocks
-        # ahead lost to one everywhere but W3 BN64 on long K
+    if 2 <= m <= 64 and tc_pairs:  # gemm_h2.py. Registers: BN64 ~80 (6 programs per SM), BN128 W4 g128 132, so
+        # capped at 128 (4 per SM; no spills in sm_90 SASS). Run 9 sweeps (NOTES.md): BN128 x4 r128 best on
+        # every shape but two W4 decode layers (BN64 x6); 8 warps, stream-K and deeper prefetch lost
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        # 8 warps: one warpgroup per 64 rows (BN128 82 registers: 3 programs of 8 warps per SM)
-        c += [(f"tc-h2 BM{bm} BN{bn} w{w} x{wv}{f' d{d}' if d > 1 else ''}{f' r{r}' if r else ''}",
-               gm(BM=bm, BN=bn, h2=True, waves=wv, depth=d, maxnreg=r, num_warps=w))
-              for bn, w, wv, d, r in ((64, 4, 6, 1, None), (64, 4, 4, 1, None), (64, 4, 8, 1, 64), (128, 4, 4, 1, 128),
-                                      (128, 4, 2, 1, 128), (128, 4, 3, 1, None), (64, 4, 5, 2, None),
-                                      (128, 8, 3, 1, None), (256, 8, 2, 1, 128))]
-        # stream-K: one full wave of equal work (8192->28672 at BN128 fills 448 of 528 slots otherwise)
-        c += [(f"tc-h2 BM{bm} BN{bn} w4 sk{wv}{f' r{r}' if r else ''}",
-               gm(BM=bm, BN=bn, h2=True, waves=wv, maxnreg=r, stream_k=True))
-              for bn, wv, r in ((128, 4, 128), (64, 5, None))]
+        c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' r{r}' if r else ''}", gm(BM=bm, BN=bn, h2=True, waves=wv, maxnreg=r))
+              for bn, wv, r in ((128, 4, 128), (64, 6, None), (64, 4, None), (128, 3, None), (128, 2, 128))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

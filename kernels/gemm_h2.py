@@ -274,18 +274,24 @@ def _loads(words_ptr, scale_ptr, zero_ptr, it, wbase, szbase, kb, c, BITS: tl.co
 
 
 @triton.jit
-def _tc_segment(
-    pid_n, pid_m, it0, it1, expected, cnt_idx,
+def gemm_h2_kernel(
     x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, rows_total, groups_pad,
+    M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, ACC: tl.constexpr, DEPTH: tl.constexpr, GLU: tl.constexpr,
+    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0,
 ):
-    """k-blocks [it0, it1) of column tile ``pid_n`` and row block ``pid_m``, then the epilogue
-    (``expected`` programs add into tile ``cnt_idx``; one: a plain store)."""
+    """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
+    block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
+    into a zeroed fp32 ``out`` (as gemv_h2's accumulate mode). GLU: silu-mul epilogue over gate/up
+    blocks of GLU (decode.store_out)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(2)
+    it0 = tl.program_id(1) * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, n_iters)
+
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     n0 = pid_n * BN  # BN divides T
@@ -307,45 +313,17 @@ def _tc_segment(
 
     xacc = tl.zeros([BM, BK_H2], dtype=tl.float32)  # per-channel: x summed over k-blocks
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    # loads issued DEPTH (1-4) iterations ahead, by inline PTX so that they keep the fragment layout
-    # (a tl.range cp.async ring instead made Triton convert the decoded tile through shared memory:
-    # 4.3 instead of 2.5 instructions per weight, sm_90 SASS). Registers: the words of one k-block
-    # are 8 (BN64 W4) to 24 (BN128 W3) per thread, against 32-64 for the decoded tile.
-    a0, a1, a2, a_s, a_z = _loads(words_ptr, scale_ptr, zero_ptr, it0, wbase, szbase, kb, c, BITS, SYM,
-                                  PER_CHANNEL, GROUP_ROWS, T, ASM)
-    b0, b1, b2, b_s, b_z = a0, a1, a2, a_s, a_z
-    c0, c1, c2, c_s, c_z = a0, a1, a2, a_s, a_z
-    d0, d1, d2, d_s, d_z = a0, a1, a2, a_s, a_z
-    if DEPTH >= 2:
-        b0, b1, b2, b_s, b_z = _loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it0 + 1, it1 - 1), wbase, szbase,
-                                      kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM)
-    if DEPTH >= 3:
-        c0, c1, c2, c_s, c_z = _loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it0 + 2, it1 - 1), wbase, szbase,
-                                      kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM)
-    if DEPTH >= 4:
-        d0, d1, d2, d_s, d_z = _loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it0 + 3, it1 - 1), wbase, szbase,
-                                      kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM)
+    # register double-buffering: the loads of k-block it + 1 are issued before block it is decoded, by
+    # inline PTX so that they keep the fragment layout. Run 9 (NOTES.md): a tl.range cp.async ring made
+    # Triton convert the decoded tile through shared memory (4.3 instead of 2.5 instructions per
+    # weight), and loading 2-4 blocks ahead lost everywhere (more registers, fewer programs per SM).
+    nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, it0, wbase, szbase, kb, c, BITS, SYM,
+                                   PER_CHANNEL, GROUP_ROWS, T, ASM)
     for it in range(it0, it1):
-        w0, w1, w2, s, z = a0, a1, a2, a_s, a_z
-        nxt = tl.minimum(it + DEPTH, it1 - 1)  # the last iterations re-read their own block: harmless
-        if DEPTH == 1:
-            a0, a1, a2, a_s, a_z = _loads(words_ptr, scale_ptr, zero_ptr, nxt, wbase, szbase, kb, c, BITS, SYM,
-                                          PER_CHANNEL, GROUP_ROWS, T, ASM)
-        elif DEPTH == 2:
-            a0, a1, a2, a_s, a_z = b0, b1, b2, b_s, b_z
-            b0, b1, b2, b_s, b_z = _loads(words_ptr, scale_ptr, zero_ptr, nxt, wbase, szbase, kb, c, BITS, SYM,
-                                          PER_CHANNEL, GROUP_ROWS, T, ASM)
-        elif DEPTH == 3:
-            a0, a1, a2, a_s, a_z = b0, b1, b2, b_s, b_z
-            b0, b1, b2, b_s, b_z = c0, c1, c2, c_s, c_z
-            c0, c1, c2, c_s, c_z = _loads(words_ptr, scale_ptr, zero_ptr, nxt, wbase, szbase, kb, c, BITS, SYM,
-                                          PER_CHANNEL, GROUP_ROWS, T, ASM)
-        else:
-            a0, a1, a2, a_s, a_z = b0, b1, b2, b_s, b_z
-            b0, b1, b2, b_s, b_z = c0, c1, c2, c_s, c_z
-            c0, c1, c2, c_s, c_z = d0, d1, d2, d_s, d_z
-            d0, d1, d2, d_s, d_z = _loads(words_ptr, scale_ptr, zero_ptr, nxt, wbase, szbase, kb, c, BITS, SYM,
-                                          PER_CHANNEL, GROUP_ROWS, T, ASM)
+        w0, w1, w2, s, z = nw0, nw1, nw2, ns, nz
+        # the last iteration re-reads its own block: harmless
+        nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it + 1, it1 - 1), wbase, szbase,
+                                       kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM)
         kk = it * BK_H2 + kk0
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
@@ -389,42 +367,4 @@ def _tc_segment(
                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
     else:
         splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                        cnt_idx, HAS_BIAS, SPLIT, GLU, expected)
-
-
-@triton.jit
-def gemm_h2_kernel(
-    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
-    BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
-    T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, ACC: tl.constexpr = False, DEPTH: tl.constexpr = 1, GLU: tl.constexpr = 0,
-    STREAMK: tl.constexpr = False, n_tiles=1,
-):
-    """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
-    block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
-    into a zeroed fp32 ``out`` (as gemv_h2's accumulate mode). GLU: silu-mul epilogue over gate/up
-    blocks of GLU (decode.store_out). STREAMK: program p takes units [p * iters_per_split, ...) of the
-    ``n_tiles x n_iters`` (tile, k-block) units, as gemv_h2 does (grid (programs, 1, M blocks))."""
-    pid_m = tl.program_id(2)
-    if STREAMK:
-        u = tl.program_id(0) * iters_per_split
-        u_end = tl.minimum(u + iters_per_split, n_tiles * n_iters)
-        while u < u_end:
-            t = u // n_iters
-            it0 = u - t * n_iters
-            it1 = tl.minimum(n_iters, it0 + (u_end - u))
-            expected = ((t + 1) * n_iters - 1) // iters_per_split - (t * n_iters) // iters_per_split + 1
-            _tc_segment(t, pid_m, it0, it1, expected, pid_m * n_tiles + t,
-                        x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                        M, N, K, stride_xm, stride_om, rows_total, groups_pad,
-                        BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, HAS_BIAS, SPLIT, ASM, ACC, DEPTH, GLU)
-            u += it1 - it0
-    else:
-        pid_n = tl.program_id(0)
-        it0 = tl.program_id(1) * iters_per_split
-        it1 = tl.minimum(it0 + iters_per_split, n_iters)
-        _tc_segment(pid_n, pid_m, it0, it1, tl.num_programs(1), pid_m * tl.num_programs(0) + pid_n,
-                    x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                    M, N, K, stride_xm, stride_om, rows_total, groups_pad,
-                    BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, HAS_BIAS, SPLIT, ASM, ACC, DEPTH, GLU)
+                        pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU, tl.num_programs(1))

@@ -52,8 +52,6 @@ class GemmConfig:
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)
     maxnreg: int | None = None  # register cap per thread (fp16-pair GEMM)
-    depth: int = 1  # fp16-pair GEMM: k-blocks of words loaded ahead into registers (1-4)
-    stream_k: bool = False  # fp16-pair GEMM: waves x SMs programs share the (tile, k-block) units evenly
 
 
 def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:

@@ -121,7 +121,7 @@ GEMV_SIG_EXTRA = {"n_iters": "i32"}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("kernel", choices=["gemv", "gemv_h2", "gemm", "gemm_h2"])
-    ap.add_argument("--depth", type=int, default=1, help="gemv_h2 / gemm_h2: iterations loaded ahead")
+    ap.add_argument("--depth", type=int, default=1, help="gemv_h2: iterations loaded ahead")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--group", type=int, default=128)
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--uneven", action="store_true", help="masked x loads")
     ap.add_argument("--pdl", type=int, default=0, help="gemv_h2: programmatic dependent launch mode (kernels/pdl.py)")
     ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
-    ap.add_argument("--stream-k", action="store_true", help="gemv_h2 / gemm_h2: stream-K grid")
+    ap.add_argument("--stream-k", action="store_true", help="gemv_h2: stream-K grid")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread")
     ap.add_argument("--ttgir", action="store_true", help="print the TTGIR (layouts, converts)")
     a = ap.parse_args()
@@ -168,9 +168,7 @@ def main() -> None:
         from kernels.gemm_h2 import gemm_h2_kernel
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
         gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
-        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True, DEPTH=a.depth, STREAMK=a.stream_k)
-        if a.stream_k:
-            sig["n_tiles"] = "i32"
+        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True)
         k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages, maxnreg=a.maxnreg or None)
         vals = 128 * a.bn
     else:

@@ -101,15 +101,11 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                                                  "split": sp, "h2": True}))
     if 2 <= m <= 64 and bits in (3, 4):  # the fp16-pair tensor-core GEMM (gemm_h2.py)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        for bn, w, waves, mr, d in [(64, 4, 6, None, 1), (64, 4, 4, None, 1), (128, 4, 4, 128, 1),
-                                    (128, 4, 3, None, 1), (64, 4, 5, None, 2), (256, 8, 2, 128, 1),
-                                    (256, 8, 1, 128, 1), (128, 4, -4, 128, 1), (128, 4, -3, None, 1),
-                                    (64, 4, -5, None, 1), (64, 4, -4, None, 1)]:
-            sk = waves < 0  # stream-K with |waves| programs per SM
-            out.append((f"tc-h2 BM{bm} BN{bn} w{w} {'sk' if sk else 'x'}{abs(waves)}{f' r{mr}' if mr else ''}"
-                        f"{f' d{d}' if d > 1 else ''}",
-                        {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": abs(waves), "maxnreg": mr,
-                         "depth": d, "num_warps": w, "stream_k": sk}))
+        for bn, w, waves, mr in [(128, 4, 4, 128), (128, 4, 4, None), (64, 4, 6, None), (64, 4, 4, None),
+                                 (128, 4, 3, None), (128, 4, 2, 128), (256, 8, 2, 128), (128, 8, 3, None)]:
+            out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}",
+                        {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr,
+                         "num_warps": w}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64

@@ -139,23 +139,6 @@ def test_gemm_h2(bits, sym, group, gen, device):
                   GemmConfig(BM=16, BN=256, h2=True, num_warps=8, split=3), tile=256)
 
 
-@pytest.mark.parametrize("bits,group,waves", [(4, 128, 1.25), (3, None, 2.5), (4, 32, 0.75)])
-def test_gemm_h2_stream_k(bits, group, waves, gen, device):
-    """Stream-K grid of the fp16-pair GEMM (4 "SMs" in the interpreter): programs whose k-block ranges
-    cross tiles, tiles shared by 1-3 programs, two M blocks, bias once."""
-    cfg = GemmConfig(BM=16, BN=64, h2=True, stream_k=True, waves=waves)
-    _run_gemm(19, 130, bits, group, False, torch.float16, gen, device, cfg, bias=True, tile=64)
-
-
-@pytest.mark.parametrize("depth", [2, 3, 4])
-def test_gemm_h2_depth(depth, gen, device):
-    """k-blocks loaded 2-4 ahead: the rotation of the register buffers keeps every block once, also when
-    a split has fewer blocks than the depth."""
-    for split in (1, 3):
-        _run_gemm(3, 37, 4 if depth != 3 else 3, 128, False, torch.float16, gen, device,
-                  GemmConfig(BM=16, BN=64, h2=True, split=split, depth=depth), bias=True, tile=64)
-
-
 def test_gemm_h2_accumulate_and_refusals(gen, device):
     """Accumulate mode adds (twice gives twice); bf16 x, W8, a W3 group the chunk does not divide and a
     BN the layout tile cannot hold are refused with the reason."""
