@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -55,6 +55,10 @@ for s in $STAGES; do
     decode)
       stamp decode
       timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
+    decodehead)  # the default variants plus the what-if of a packed lm_head (w4+head, w3+head)
+      stamp decodehead
+      timeout 200 python3 -m pipeline.evaluate.bench_decode --variants fp16 w4 w3 w4+head w3+head --out "$OUT/decode" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode.log" ;;
     decodepdl)  # the same step without and with programmatic dependent launch, kernel breakdown of each
       stamp decodepdl
       timeout 120 python3 -m pipeline.evaluate.bench_decode --no-pdl --profile --batch 1 --out "$OUT/decode_nopdl" 2>&1 \

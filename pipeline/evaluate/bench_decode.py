@@ -39,7 +39,8 @@ def register(subparsers) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-decode", help="folder for decode.json and decode.md")
-    p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3"], help="fp16, w4, w3, w2, w8, w4a8")
+    p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3"], help="fp16, w4, w3, w2, w8, w4a8; a '+head' suffix (w4+head) packs the lm_head too, "
+                   "a what-if: the pipeline keeps it fp16")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache when timing starts")
@@ -134,7 +135,7 @@ class DecodeModel:
                     if has_bias:
                         lin.bias.copy_(b)
                 return lin
-            bits = int(variant[1])
+            bits = int(variant[1])  # "w4", "w3+head", "w4a8"
             act_bits = 8 if variant.endswith("a8") else 16
             grp = None if act_bits == 8 else group
             sym = act_bits == 8
@@ -188,7 +189,10 @@ class DecodeModel:
                     off += batch * n
         self.embed = weight_of("model.embed_tokens.weight") if hf_model else rnd(c.vocab_size, h)
         self.norm = weight_of("model.norm.weight") if hf_model else 1 + rnd(h, std=0.05)
-        self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
+        if variant.endswith("+head"):  # what-if: the lm_head packed like the layers (the pipeline keeps it fp16)
+            self.lm_head = linear(["lm_head"], h, c.vocab_size, False)
+        else:
+            self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.int32, device=device)
         self.logits = None
@@ -228,15 +232,25 @@ class DecodeModel:
             mlp = proj(lay, "down", act)
             nxt = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
             normed = add_rmsnorm(mlp, res, nxt, self.eps)
-        self.logits = torch.nn.functional.linear(normed, self.lm_head)
+        if isinstance(self.lm_head, torch.Tensor):
+            self.logits = torch.nn.functional.linear(normed, self.lm_head)
+        else:
+            self.logits = self.lm_head(normed)
         self.tokens.copy_(self.logits.argmax(dim=-1))
         self.pos.add_(1)
 
     def weight_bytes(self) -> int:
-        n = self.embed.numel() * 2 + self.lm_head.numel() * 2
+        import torch
+
+        def nbytes(mod) -> int:
+            if isinstance(mod, torch.Tensor):
+                return mod.numel() * mod.element_size()
+            return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))
+
+        n = nbytes(self.embed) + nbytes(self.lm_head)
         for lay in self.layers:
             for k in ("qkv", "o", "gate_up", "down"):
-                n += sum(t.numel() * t.element_size() for t in list(lay[k].parameters()) + list(lay[k].buffers()))
+                n += nbytes(lay[k])
         return n
 
 

@@ -90,10 +90,10 @@ def test_silu_mul(gen, device):
     assert torch.allclose(silu_mul(gu.to(device)).cpu().float(), want, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("variant", ["fp16", "w4"])
+@pytest.mark.parametrize("variant", ["fp16", "w4", "w4+head"])
 def test_decode_step_matches_transformers_forward(variant, gen, device):
     """Our graph-capturable step, fed one token at a time, gives the logits of transformers' own
-    forward over the whole sequence (same weights; W4: the fake-quant weights)."""
+    forward over the whole sequence (same weights; W4: the fake-quant weights, +head: the lm_head's too)."""
     from transformers import Qwen2ForCausalLM
 
     from pipeline.evaluate.bench_decode import DecodeModel, config_for
@@ -107,10 +107,10 @@ def test_decode_step_matches_transformers_forward(variant, gen, device):
         for p in hf.parameters():
             p.normal_(0, 0.05) if p.dim() > 1 else p.normal_(1.0 if p.shape[0] == 128 else 0.0, 0.05)
     model = DecodeModel(cfg, variant, 1, 16, device, group=64, hf_model=hf)
-    if variant == "w4":
+    if variant != "fp16":
         with torch.no_grad():
             for name, mod in hf.named_modules():
-                if name.endswith(("_proj",)) and ".layers." in name:
+                if (name.endswith(("_proj",)) and ".layers." in name) or (name == "lm_head" and "+head" in variant):
                     mod.weight.copy_(fake_quantize(mod.weight.half().float(), QuantScheme(4, 64, False),
                                                    torch.float16))
     hf = hf.half() if device == "cuda" else hf.float()

@@ -140,8 +140,8 @@ def test_gemm_h2(bits, sym, group, gen, device):
 
 
 def test_gemm_h2_accumulate_and_refusals(gen, device):
-    """Accumulate mode adds (twice gives twice); bf16 x, W8, a W3 group the chunk does not divide and a
-    BN the layout tile cannot hold are refused with the reason."""
+    """Accumulate mode adds (twice gives twice); bf16 x, W8, a BN the kernel cannot map and a 16-bit
+    accumulator are refused with the reason."""
     qw = random_qweight(70, 256, 4, 128, False, torch.float16, gen)
     pw = pack(qw, tile=64, device=device)
     x = random_x(3, 256, torch.float16, gen, device)
