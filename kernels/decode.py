@@ -134,3 +134,19 @@ def splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_pt
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         store_out(y, offs_m, offs_n, M, N, out_ptr, stride_om, GLU)
+
+
+@triton.jit
+def finish(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr, cnt_idx, first,
+           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr, expected):
+    """A program's partial sums ``y`` [BM, BN] to the output. ACC: added into the zeroed fp32 ``out``
+    (relaxed atomics; the bias by the split holding the first k, ``first``), else ``splitk_epilogue``."""
+    if ACC:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            y += tl.where(first, bias, 0.0)[None, :]
+        tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y,
+                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
+    else:
+        splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
+                        cnt_idx, HAS_BIAS, SPLIT, GLU, expected)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import load_rows, splitk_epilogue
-from .gemv_h2 import _bits, _dec3, _dec3_top, _dec4, _h, _pair, _zconst
+from .decode import finish, load_rows
+from .gemv_h2 import _TOP3, _bits, _dec3, _dec3_top, _dec4, _h, _pair, _zconst
 
 BK_H2: tl.constexpr = tl.constexpr(128)  # a W3 chunk per lane of a quad: 4 x 32 values
 
@@ -44,43 +44,20 @@ def _scale(t, s2, ASM: tl.constexpr):
     return r
 
 
-# 1024 + code as fp16 pairs, nothing subtracted or scaled (scale and zero point after the dot).
-# W4 word -> pairs (u_j, u_{j+4}), j = 0..3 ($4 the word).
-_RAW4: tl.constexpr = tl.constexpr("""{
-.reg .b32 s;
-lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;
-shr.u32 s, $4, 4;
-lop3.b32 $1, s, 0x000f000f, 0x64006400, 0xea;
-shr.u32 s, $4, 8;
-lop3.b32 $2, s, 0x000f000f, 0x64006400, 0xea;
-shr.u32 s, $4, 12;
-lop3.b32 $3, s, 0x000f000f, 0x64006400, 0xea;
-}""")
+def _raw_asm(n: int, mask: str, step: int) -> str:
+    """PTX: a word ($n) -> n fp16 pairs 1024 + the field at bits (step * i, 16 + step * i), i < n."""
+    lines = ["{", ".reg .b32 s;", f"lop3.b32 $0, ${n}, {mask}, 0x64006400, 0xea;"]
+    for i in range(1, n):
+        lines += [f"shr.u32 s, ${n}, {step * i};", f"lop3.b32 ${i}, s, {mask}, 0x64006400, 0xea;"]
+    return "\n".join(lines + ["}"])
 
-# W3 word -> pairs (u_2i, u_2i+1), i = 0..4 ($5 the word).
-_RAW3: tl.constexpr = tl.constexpr("""{
-.reg .b32 s;
-lop3.b32 $0, $5, 0x00070007, 0x64006400, 0xea;
-shr.u32 s, $5, 3;
-lop3.b32 $1, s, 0x00070007, 0x64006400, 0xea;
-shr.u32 s, $5, 6;
-lop3.b32 $2, s, 0x00070007, 0x64006400, 0xea;
-shr.u32 s, $5, 9;
-lop3.b32 $3, s, 0x00070007, 0x64006400, 0xea;
-shr.u32 s, $5, 12;
-lop3.b32 $4, s, 0x00070007, 0x64006400, 0xea;
-}""")
 
-# W3 values 30/31 of a chunk (bits 15/31 of A, B, C) as 1024 + code ($1 A, $2 B, $3 C).
-_RAW3_TOP: tl.constexpr = tl.constexpr("""{
-.reg .b32 a, b, c, t;
-shr.u32 a, $1, 15;
-shr.u32 b, $2, 14;
-shr.u32 c, $3, 13;
-lop3.b32 t, a, 0x00010001, 0x64006400, 0xea;
-lop3.b32 t, b, 0x00020002, t, 0xea;
-lop3.b32 $0, c, 0x00040004, t, 0xea;
-}""")
+# 1024 + code as fp16 pairs, nothing subtracted or scaled (scale and zero point after the dot):
+# W4 word -> pairs (u_j, u_{j+4}), j = 0..3; W3 word -> pairs (u_2i, u_2i+1), i = 0..4; W3 values 30/31
+# of a chunk from bits 15/31 of its three words ($1 A, $2 B, $3 C).
+_RAW4: tl.constexpr = tl.constexpr(_raw_asm(4, "0x000f000f", 4))
+_RAW3: tl.constexpr = tl.constexpr(_raw_asm(5, "0x00070007", 3))
+_RAW3_TOP: tl.constexpr = tl.constexpr("{\n" + _TOP3 + "\nmov.b32 $0, t;\n}")
 
 
 @triton.jit
@@ -359,12 +336,5 @@ def gemm_h2_kernel(
         xsum = tl.sum(xacc, axis=1)
         acc = (acc - zoff[:, None] * xsum[None, :]) * tl.load(scale_ptr + szvec).to(tl.float32)[:, None]
     y = tl.trans(acc)  # [BM, BN]
-    if ACC:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            y += tl.where(it0 == 0, bias, 0.0)[None, :]
-        tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y,
-                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
-    else:
-        splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                        pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT, GLU, tl.num_programs(1))
+    finish(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
+           it0 == 0, HAS_BIAS, SPLIT, GLU, ACC, tl.num_programs(1))

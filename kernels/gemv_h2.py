@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import load_rows, splitk_epilogue
+from .decode import finish, load_rows
 from .pdl import launch_dependents, wait_prior
 
 
@@ -78,17 +78,16 @@ sub.f16x2 $3, $3, $6;
 fma.rn.f16x2 $4, $4, k8, $7;
 }""")
 
-# W3 values 30/31 of a chunk: bits 15/31 of A, B, C. $1 A, $2 B, $3 C, $4 (1024+z).
-_DEC3_TOP: tl.constexpr = tl.constexpr("""{
-.reg .b32 a, b, c, t;
+# W3 values 30/31 of a chunk: bits 15/31 of A, B, C as the pair 1024 + code in t. $1 A, $2 B, $3 C.
+_TOP3 = """.reg .b32 a, b, c, t;
 shr.u32 a, $1, 15;
 shr.u32 b, $2, 14;
 shr.u32 c, $3, 13;
 lop3.b32 t, a, 0x00010001, 0x64006400, 0xea;
 lop3.b32 t, b, 0x00020002, t, 0xea;
-lop3.b32 t, c, 0x00040004, t, 0xea;
-sub.f16x2 $0, t, $4;
-}""")
+lop3.b32 t, c, 0x00040004, t, 0xea;"""
+# ... minus z: $4 (1024+z).
+_DEC3_TOP: tl.constexpr = tl.constexpr("{\n" + _TOP3 + "\nsub.f16x2 $0, t, $4;\n}")
 
 
 @triton.jit
@@ -418,15 +417,8 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
     y = tl.sum(y3, axis=1)  # [BM, BN]
     if PER_CHANNEL:
         y = y * tl.load(scale_ptr + sz_col).to(tl.float32)[None, :]
-    if ACC:
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            y += tl.where(it0 == 0, bias, 0.0)[None, :]
-        tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y,
-                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), sem="relaxed")
-    else:
-        splitk_epilogue(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr,
-                        cnt_idx, HAS_BIAS, SPLIT, GLU, expected)
+    finish(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr, cnt_idx, it0 == 0,
+           HAS_BIAS, SPLIT, GLU, ACC, expected)
 
 
 @triton.jit
