@@ -183,9 +183,8 @@ def _x_fragment_order(xa, BITS: tl.constexpr):
     return tl.reshape(v, (BM, 128))
 
 
-@triton.jit
 def x_fragment_order(x, bits: int):
-    """x ``[M, K]`` -> ``[M, K128]`` (K padded with zeros to a multiple of 128) with each k-block in the
+    """x ``[M, K]`` (torch) -> ``[M, K128]`` (K padded with zeros to a multiple of 128) with each k-block in the
     tile's column order (XP=2): one copy per call instead of a permutation per k-block in every program."""
     import torch
 

@@ -27,7 +27,7 @@ for s in $STAGES; do
         --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
     sweeptc2)  # run 10: x order variants of the fp16-pair GEMM at small M
       stamp sweeptc2
-      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc-h2 --shapes 8192x28672 28672x8192 \
+      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only "x4 r128" xp2 --shapes 8192x28672 28672x8192 \
         --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc2" 2>&1 | grep -v Warning | tee "$OUT/sweeptc2.log" | tail -80 ;;
     sweeplarge)  # run 10: the fp16-pair GEMM with large M blocks vs dequantize + cuBLAS
       stamp sweeplarge
