@@ -46,6 +46,10 @@ class QuantRecipe:
     abits: int = 16
     group_size: int | None = 128  # None: per output channel
     sym: bool = False
+    # Pack the lm_head too (RTN, the same bits / group size / symmetry as the decoder Linears).
+    # Off by default, as in MBQ/AWQ: the head is usually the most accuracy-sensitive Linear, but
+    # at W4 its fp16 matrix is ~17% of a 7B decode step. Tied embeddings are untied on write.
+    quantize_lm_head: bool = False
     # AWQ / MBQ
     clip: bool = True
     loss: str = "mae"  # mbq: mae | mse
@@ -68,7 +72,7 @@ class QuantRecipe:
     def label(self) -> str:
         g = "ch" if self.group_size is None else f"g{self.group_size}"
         a = f"A{self.abits}" if self.abits < 16 else ""
-        return f"{self.method} W{self.wbits}{a} {g}{' sym' if self.sym else ''}"
+        return f"{self.method} W{self.wbits}{a} {g}{' sym' if self.sym else ''}{' +head' if self.quantize_lm_head else ''}"
 
 
 @dataclass
@@ -235,6 +239,10 @@ def validate_spec(spec: JobSpec, explicit: dict[str, Any] | None = None) -> None
             raise VlmqError("W4A8 weights are symmetric int4; --no-sym does not apply", "drop --no-sym")
         r.group_size = None
         r.sym = True
+    if r.quantize_lm_head and r.abits < 16:
+        raise VlmqError(f"--quantize-lm-head is weight-only; it does not combine with --abits {r.abits} "
+                        "(the head's input would need int8 activations too, which no reference path checks)",
+                        "drop --quantize-lm-head (the lm_head stays fp16), or use weight-only --abits 16")
     if r.method == "smoothquant" and r.abits != 8:
         raise VlmqError("smoothquant is the W4A8 baseline", "pass --wbits 4 --abits 8")
     _choice(r.loss, ("mae", "mse"), "--loss")
