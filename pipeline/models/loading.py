@@ -139,6 +139,24 @@ def _tie_targets(model: nn.Module) -> dict[str, str]:
     return dict(keys)
 
 
+def lm_head_tied(config_dict: dict[str, Any], adapter: VLMAdapter) -> bool:
+    """True when the model's lm_head shares the token embeddings' tensor (from the meta model,
+    so the class defaults count as transformers applies them)."""
+    meta = _inspect(config_dict, adapter)
+    return f"{adapter.lm_head_path}.weight" in _tie_targets(meta)
+
+
+def untie_lm_head(source: WeightSource, adapter: VLMAdapter) -> WeightSource:
+    """``source`` itself for an untied model; a tied one read as untied (``UntiedHeadSource``):
+    what a job that packs the lm_head quantizes, references and writes."""
+    if not lm_head_tied(source.config_dict, adapter):
+        return source
+    from .weights import UntiedHeadSource
+
+    return UntiedHeadSource(source, f"{adapter.lm_head_path}.weight", f"{adapter.embed_path}.weight",
+                            adapter.text_config_attr)
+
+
 def _materialize(module: nn.Module, loaded: Iterable[tuple[str, torch.Tensor]], what: str) -> nn.Module:
     for name, t in loaded:
         try:
@@ -227,26 +245,26 @@ def layer_linear_names(adapter: VLMAdapter, config: dict[str, Any] | None = None
     return [name for g in adapter.linear_groups for name in g.linears]
 
 
-def check_group_size(config_dict: dict[str, Any], adapter: VLMAdapter, group_size: int) -> None:
+def check_group_size(config_dict: dict[str, Any], adapter: VLMAdapter, group_size: int,
+                     lm_head: bool = False) -> None:
     """Raise ``VlmqError`` naming the first quantized Linear whose in_features ``group_size`` does
-    not divide (from the meta model: no weights read). ``group_size`` <= 0 means per-channel."""
+    not divide (from the meta model: no weights read). ``group_size`` <= 0 means per-channel.
+    ``lm_head``: the recipe packs the lm_head too, so it is checked as well."""
     if group_size is None or group_size <= 0:
         return
     meta = _inspect(config_dict, adapter)
     layers = meta.get_submodule(adapter.layers_path)
     names = layer_linear_names(adapter, config_dict)
-    for i, layer in enumerate(layers):
-        for rel in names:
-            lin = layer.get_submodule(rel)
-            if lin.in_features % group_size:
-                divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
-                fix = (f"use a group size that divides {lin.in_features}: one of {divisors}, or per-channel"
-                       if divisors else "use per-channel quantization (no group size)")
-                raise VlmqError(
-                    f"group size {group_size} does not divide in_features={lin.in_features} of "
-                    f"{adapter.layers_path}.{i}.{rel}",
-                    fix,
-                )
+    linears = [(f"{adapter.layers_path}.{i}.{rel}", layer.get_submodule(rel))
+               for i, layer in enumerate(layers) for rel in names]
+    if lm_head:
+        linears.append((adapter.lm_head_path, meta.get_submodule(adapter.lm_head_path)))
+    for name, lin in linears:
+        if lin.in_features % group_size:
+            divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
+            fix = (f"use a group size that divides {lin.in_features}: one of {divisors}, or per-channel"
+                   if divisors else "use per-channel quantization (no group size)")
+            raise VlmqError(f"group size {group_size} does not divide in_features={lin.in_features} of {name}", fix)
 
 
 @dataclass

@@ -289,6 +289,50 @@ class PickleSource(WeightSource):
         return self.get(name).dtype
 
 
+class UntiedHeadSource(WeightSource):
+    """A model with tied embeddings, read as if it were untied: ``head_key`` (the lm_head weight)
+    reads as a copy of ``embed_key`` and ``config.json`` says ``tie_word_embeddings: false``.
+
+    Why: a packed lm_head cannot share its tensor with the fp16 embedding table (an embedding
+    lookup needs dense rows). Written through this view, a checkpoint holds the embeddings in
+    fp16 and its own quantized lm_head, and loaders do not tie them back together.
+    """
+
+    def __init__(self, base: WeightSource, head_key: str, embed_key: str, text_config_attr: str = "text_config"):
+        self.base, self.head_key, self.embed_key = base, head_key, embed_key
+        self.model_dir = base.model_dir
+        config = json.loads(json.dumps(base.config_dict))  # a deep copy of plain JSON
+        config["tie_word_embeddings"] = False
+        for v in config.values():  # sub-configs that say it themselves
+            if isinstance(v, dict) and "tie_word_embeddings" in v:
+                v["tie_word_embeddings"] = False
+        if isinstance(config.get(text_config_attr), dict):
+            config[text_config_attr]["tie_word_embeddings"] = False
+        self._config = config
+        base_keys = base.keys()
+        self._keys = base_keys if head_key in base_keys else [*base_keys, head_key]
+
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        return self._config
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def _src(self, name: str) -> str:
+        # tied means the embedding table *is* the head, even where a file also stores a copy
+        return self.embed_key if name == self.head_key else name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(self._src(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(self._src(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.base.get(self._src(name))
+
+
 def open_source(path: str | Path, allow_pickle: bool = False, adapter: Any = None) -> WeightSource:
     """Open a model folder lazily. Raises ``VlmqError`` for a missing path, a corrupt header, or a
     pickle-only folder (unless ``allow_pickle``), before any tensor is read."""
