@@ -86,7 +86,7 @@ def check_job(spec: JobSpec) -> Prepared:
     config = source.config_dict
     adapter = detect_adapter(config)
     if spec.recipe.group_size is not None:
-        check_group_size(config, adapter, spec.recipe.group_size)
+        check_group_size(config, adapter, spec.recipe.group_size, lm_head=spec.recipe.quantize_lm_head)
     device = _pick_device(spec.resources.device)
     compute, storage = _dtypes(config, spec.resources.dtype, device)
     n_layers = _num_layers(config, adapter)
@@ -165,7 +165,7 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
                      "warm_workers": os.environ.get("VLMQ_WARM_WORKERS", "1") != "0"},
         )
         Path(ctx.parts_dir).mkdir(parents=True, exist_ok=True)
-        from .stages import capture_and_search, gather, reference, run_veo
+        from .stages import capture_and_search, gather, quantize_head, reference, run_veo
 
         if spec.recipe.veo:
             with _stage(stages, "veo"):
@@ -175,6 +175,10 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
         with _stage(stages, "capture + search"):
             summaries, extras = capture_and_search(ctx, ray_ctx, table_path, data_report["calibration_rows"],
                                                    prep.num_layers, view, resuming)
+        head = None
+        if spec.recipe.quantize_lm_head:
+            with _stage(stages, "lm_head"):
+                head = quantize_head(ctx, ray_ctx, view)
         with _stage(stages, "reference + fidelity"):
             ref = reference(ctx, ray_ctx, holdout_path, view)
         report = {
@@ -188,6 +192,8 @@ def run_quantize(spec: JobSpec, view: JobView | None = None) -> JobResult:
             "reference_s": ref.get("seconds"),
             **extras,
         }
+        if head is not None:
+            report["lm_head"] = head  # gather adds whether it is quantized and untied
         with _stage(stages, "gather"):
             out = gather(ctx, spec, prep, ref, report, view)
     finally:

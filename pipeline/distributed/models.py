@@ -78,10 +78,19 @@ def open_model_source(ref: str, allow_pickle: bool = False, device: str | None =
     return open_source(ref, allow_pickle=allow_pickle)
 
 
-def job_source(ctx, device: str | None = None) -> WeightSource:
+def job_source(ctx, device: str | None = None, head: bool = False) -> WeightSource:
     """The job's model as every worker sees it: with Q-VLM's visual-encoder optimization, the
-    tuned projector tensors overlay the source's (``ctx.options["overlay"]``, a safetensors file)."""
+    tuned projector tensors overlay the source's (``ctx.options["overlay"]``, a safetensors file).
+
+    ``head``: the view of the stages that see the lm_head as the checkpoint will hold it (its
+    quantization, the reference pass): with ``recipe.quantize_lm_head`` a model with tied
+    embeddings reads as untied (``models.loading.untie_lm_head``)."""
     base = open_model_source(ctx.model, ctx.allow_pickle, device)
+    if head and ctx.recipe.quantize_lm_head:
+        from ..models import ADAPTERS
+        from ..models.loading import untie_lm_head
+
+        base = untie_lm_head(base, ADAPTERS[ctx.family])
     overlay = ctx.options.get("overlay")
     if not overlay:
         return base

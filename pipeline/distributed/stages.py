@@ -143,8 +143,62 @@ def capture_and_search(ctx: JobContext, ray_ctx: RayContext, table_path: str, n_
     return summaries, extras
 
 
+HEAD_PART = "head.safetensors"  # the quantized lm_head's part file (recipe.quantize_lm_head)
+
+
+def head_part_path(ctx: JobContext) -> Path:
+    return Path(ctx.parts_dir) / HEAD_PART
+
+
 def part_paths(ctx: JobContext) -> list[str]:
-    return sorted(str(p) for p in Path(ctx.parts_dir).glob("block_*.safetensors"))
+    """Every part file the checkpoint is gathered from: the blocks', then the lm_head's if any."""
+    blocks = sorted(str(p) for p in Path(ctx.parts_dir).glob("block_*.safetensors"))
+    head = head_part_path(ctx)
+    return blocks + ([str(head)] if ctx.recipe.quantize_lm_head and head.is_file() else [])
+
+
+def _head_task(ctx: JobContext, out_path: str) -> dict[str, Any]:
+    """Quantize the lm_head (``quant.head``) on a worker and write its part file; the weight is
+    read from the untied view, so a tied model's head is the embedding table's copy."""
+    import torch
+
+    from ..checkpoint.parts import write_part
+    from ..models import ADAPTERS
+    from ..quant.head import quantize_lm_head
+    from .models import job_source
+    from .search import recipe_scheme
+
+    t0 = time.perf_counter()
+    adapter = ADAPTERS[ctx.family]
+    device = worker_device()
+    source = job_source(ctx, head=True)
+    w = source.get(f"{adapter.lm_head_path}.weight").to(device)
+    with torch.no_grad():
+        result = quantize_lm_head(w, recipe_scheme(ctx), ctx.torch_storage_dtype, adapter.lm_head_path)
+    write_part(out_path, result, full_name=lambda k: k)
+    return {**result.metrics, "task_s": round(time.perf_counter() - t0, 3)}
+
+
+def quantize_head(ctx: JobContext, ray_ctx: RayContext, view: JobView) -> dict[str, Any] | None:
+    """``recipe.quantize_lm_head``: the lm_head's part file (kept across --resume: parts are
+    atomic). Returns its metrics for the report, or None when the recipe keeps the head fp16."""
+    import ray
+
+    from ..checkpoint.parts import read_part_index
+
+    if not ctx.recipe.quantize_lm_head:
+        return None
+    out = head_part_path(ctx)
+    if out.is_file():
+        try:
+            return {**read_part_index(out).metrics, "resumed": True}
+        except Exception:  # unreadable: redo it
+            out.unlink()
+    task = ray.remote(max_retries=MAX_RETRIES, **placement(ray_ctx, share=1.0))(_head_task)
+    metrics = ray.get(task.remote(ctx, str(out)))
+    view.info(f"lm_head {metrics['shape'][0]}x{metrics['shape'][1]} quantized (RTN): relative weight error "
+              f"{metrics['rel_weight_error']:.4g}")
+    return metrics
 
 
 REFERENCE_POSITIONS = 32
@@ -164,7 +218,7 @@ def _reference_task(ctx: JobContext, parts: list[str], holdout_path: str, n_refe
     from .models import job_source
 
     adapter = ADAPTERS[ctx.family]
-    source = job_source(ctx)
+    source = job_source(ctx, head=True)  # a packed lm_head overlays the untied head, as written
     table = load_table(holdout_path)
     inputs = [row_to_model_inputs(table, r) for r in range(table.num_rows)]
     masks = []
@@ -272,12 +326,23 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
     from ..evaluate.summary import checkpoint_bytes
     from .models import open_model_source
 
-    source = open_model_source(ctx.model, ctx.allow_pickle)
+    from ..models import ADAPTERS
+
+    base = open_model_source(ctx.model, ctx.allow_pickle)
+    source = base
+    adapter = ADAPTERS[ctx.family]
+    if ctx.recipe.quantize_lm_head:  # a tied model is written untied: fp16 embeddings + packed head
+        from ..models.loading import untie_lm_head
+
+        source = untie_lm_head(base, adapter)
     parts = part_paths(ctx)
     quantized = [n for p in parts for n in read_part_index(p).schemes]
     report["quantized_linears"] = len(quantized)
-    report["quantized_layers"] = len({n.rsplit(".", 2)[0] for n in quantized})
+    report["quantized_layers"] = len({n.rsplit(".", 2)[0] for n in quantized if n != adapter.lm_head_path})
     report["recipe_label"] = ctx.recipe.label
+    head = adapter.lm_head_path
+    report["lm_head"] = {"quantized": head in quantized, "module": head,
+                         "untied": source is not base, **(report.get("lm_head") or {})}
     linear_bytes = sum(source.nbytes(f"{n}.weight") for n in quantized)
     view.info(f"gather: {len(parts)} part files, {len(quantized)} quantized Linears")
 
@@ -286,7 +351,7 @@ def gather(ctx: JobContext, spec: Any, prep: Any, ref: dict[str, Any], report: d
             write_reference(staging, ref["inputs"], ref["ref_logits"], fp_logits=ref["ref_fp_logits"],
                             model_dtype=ctx.torch_compute_dtype, positions=ref.get("positions"))
         report["sizes"] = {
-            "before": sum(source.nbytes(k) for k in source.keys()),
+            "before": sum(base.nbytes(k) for k in base.keys()),  # a tied head counts once, as stored
             "after": checkpoint_bytes(staging),
             "quantized_linears_before": linear_bytes,
         }
