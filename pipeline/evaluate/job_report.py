@@ -5,7 +5,8 @@ its staging folder (so the files are hashed into the checkpoint's manifest), and
 ``vlmq report JOBDIR`` calls it (plus an HTML page) on any finished checkpoint. Sections, each
 present only when the report has the data:
 
-- summary: model, recipe, sizes, fidelity (answer / text tokens), validation;
+- summary: model, recipe, sizes, whether the lm_head was quantized, fidelity (answer / text
+  tokens), validation;
 - per-layer search error before/after: AWQ/MBQ groups' ``loss_rtn`` (plain RTN, the same loss)
   vs ``loss_final`` (after scaling and clipping); Q-VLM blocks' ``error_rtn`` vs ``error_final``;
 - MBQ ratios ``r_attn`` / ``r_mlp`` per layer, with the median floor (used) and without;
@@ -26,6 +27,29 @@ from typing import Any
 from .report import fmt, md_page, mib, pct, save_figure
 
 GROUP_ORDER = ("qkv", "o", "gate_up", "down")
+
+
+def head_quantized(report: dict[str, Any]) -> bool:
+    """Whether the job packed the lm_head (``recipe.quantize_lm_head``)."""
+    return bool((report.get("lm_head") or {}).get("quantized"))
+
+
+def lm_head_line(report: dict[str, Any]) -> str:
+    """What happened to the lm_head, in words (the summary and the job report both say it)."""
+    h = report.get("lm_head") or {}
+    if not h.get("quantized"):
+        return "16-bit, not quantized (--quantize-lm-head packs it)"
+    s = h.get("scheme") or {}
+    g = "ch" if s.get("group_size") is None else f"g{s['group_size']}"
+    line = (f"quantized W{s.get('bits', '?')} {g}{' sym' if s.get('symmetric') else ''} (RTN)"
+            if s else "quantized")
+    if h.get("shape"):
+        line += f", {h['shape'][0]}x{h['shape'][1]}"
+    if h.get("rel_weight_error") is not None:
+        line += f", relative weight error {h['rel_weight_error']:.3g}"
+    if h.get("untied"):
+        line += "; tied embeddings untied (embed_tokens kept fp16)"
+    return line + "; its effect is in the fidelity rows"
 
 
 # ----------------------------------------------------------------------------- data extraction (pure)
@@ -174,7 +198,10 @@ def sections(report: dict[str, Any], out_dir: Path) -> list[tuple[str, list[Any]
     rows = [["model", f"{report.get('model', '?')} ({report.get('family', '?')})"],
             ["recipe", report.get("recipe_label") or recipe.get("method", "?")]]
     if "quantized_linears" in report:
-        rows.append(["quantized", f"{report['quantized_linears']} Linears in {report.get('quantized_layers')} layers"])
+        rows.append(["quantized", f"{report['quantized_linears']} Linears in {report.get('quantized_layers')} layers"
+                                  + (" + the lm_head" if head_quantized(report) else "")])
+    if "lm_head" in report:
+        rows.append(["lm_head", lm_head_line(report)])
     if sizes.get("before") and sizes.get("after"):
         rows.append(["weights", f"{mib(sizes['before'])} MiB -> {mib(sizes['after'])} MiB "
                                 f"({sizes['before'] / sizes['after']:.2f}x smaller)"])

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .job_report import head_quantized, lm_head_line
+
 
 def checkpoint_bytes(ckpt: Path) -> int:
     return sum(p.stat().st_size for p in Path(ckpt).glob("*.safetensors"))
@@ -19,7 +21,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("model", f"{report.get('model')} ({report.get('family')})"))
     rows.append(("recipe", report.get("recipe_label", "")))
     if "quantized_linears" in report:
-        rows.append(("quantized", f"{report['quantized_linears']} Linears in {report['quantized_layers']} decoder layers"))
+        rows.append(("quantized", f"{report['quantized_linears']} Linears in {report['quantized_layers']} decoder layers"
+                                  + (" + the lm_head" if head_quantized(report) else "")))
+    if "lm_head" in report:
+        rows.append(("lm_head", lm_head_line(report)))
     if sizes:
         rows.append(("weights", f"{sizes['before'] / 2**20:.2f} MiB -> {sizes['after'] / 2**20:.2f} MiB "
                                 f"({sizes['before'] / max(sizes['after'], 1):.2f}x smaller)"))
