@@ -4,9 +4,12 @@ The model is ``transformers.Qwen2ForCausalLM`` built from a ``Qwen2Config`` (Qwe
 default) on the meta device, so no 15 GB of weights are ever initialized on the host; its
 decoder Linears become our ``QuantLinear`` (q/k/v and gate/up fused, as inference engines do) or,
 for the baseline, fp16 ``nn.Linear`` (cuBLAS), all filled with random values. Embeddings, norms
-and ``lm_head`` stay fp16 in every variant. One decode step (embedding, 28 layers, final norm,
-lm_head, greedy argmax, position + 1) is captured in one CUDA graph over a static KV cache and
-replayed step after step, so kernels, not Python, are what is timed. Our kernels launch with
+and ``lm_head`` stay fp16, except that a ``+head`` variant (``w4+head``, ``w3+head``) packs the
+``lm_head`` like the layers (asymmetric, ``--group``): the layout of a checkpoint written with
+``vlmq quantize --quantize-lm-head`` (the default recipe keeps the head fp16). One decode step
+(embedding, 28 layers, final norm, lm_head, greedy argmax, position + 1) is captured in one CUDA
+graph over a static KV cache and replayed step after step, so kernels, not Python, are what is
+timed. Our kernels launch with
 programmatic dependent launch (kernels/pdl.py; ``--no-pdl`` to compare), the packed gate/up GEMV
 applies silu-mul in its epilogue, the other packed GEMVs add their k-splits into fp32 buffers the
 next kernel reads (batch <= 4), and rotary + KV write + attention are one launch per GQA group
@@ -40,7 +43,7 @@ def register(subparsers) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-decode", help="folder for decode.json and decode.md")
     p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3"], help="fp16, w4, w3, w2, w8, w4a8; a '+head' suffix (w4+head) packs the lm_head too, "
-                   "a what-if: the pipeline keeps it fp16")
+                   "as a checkpoint written with `vlmq quantize --quantize-lm-head` has it")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache when timing starts")
@@ -189,7 +192,7 @@ class DecodeModel:
                     off += batch * n
         self.embed = weight_of("model.embed_tokens.weight") if hf_model else rnd(c.vocab_size, h)
         self.norm = weight_of("model.norm.weight") if hf_model else 1 + rnd(h, std=0.05)
-        if variant.endswith("+head"):  # what-if: the lm_head packed like the layers (the pipeline keeps it fp16)
+        if variant.endswith("+head"):  # the lm_head packed like the layers (`vlmq quantize --quantize-lm-head`)
             self.lm_head = linear(["lm_head"], h, c.vocab_size, False)
         else:
             self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
