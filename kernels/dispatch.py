@@ -184,7 +184,7 @@ def gemm_h2_applies(x: torch.Tensor, pw: PackedWeight) -> bool:
 
 def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: torch.Tensor | None,
              cfg: GemmConfig, accumulate: bool, glu: int) -> torch.Tensor:
-    from .gemm_h2 import gemm_h2_kernel, x_fragment_order
+    from .gemm_h2 import gemm_h2_kernel
 
     _check_glu(pw, glu)
     if glu and accumulate:
@@ -206,16 +206,12 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
     iters = -(-pw.in_features // 128)  # only blocks holding real k (the padding is all zero codes)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
     ws, cnt = workspace(x.device, m * n, n_tiles * m_blocks) if split > 1 and not accumulate else (out, out)
-    k = pw.in_features
-    if cfg.xp == 2:
-        x = x_fragment_order(x, pw.bits)
-        k = x.shape[1]
     gemm_h2_kernel[(n_tiles, split, m_blocks)](
         x, pw.words, pw.scale, zero, b, out, ws, cnt,
-        m, n, k, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
+        m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, GLU=glu, XP=cfg.xp,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, GLU=glu,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out

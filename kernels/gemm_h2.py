@@ -183,34 +183,6 @@ def _x_fragment_order(xa, BITS: tl.constexpr):
     return tl.reshape(v, (BM, 128))
 
 
-def x_fragment_order(x, bits: int):
-    """x ``[M, K]`` (torch) -> ``[M, K128]`` (K padded with zeros to a multiple of 128) with each k-block in the
-    tile's column order (XP=2): one copy per call instead of a permutation per k-block in every program."""
-    import torch
-
-    m, k = x.shape
-    kp = -(-k // 128) * 128
-    if kp != k:
-        x = torch.nn.functional.pad(x, (0, kp - k))
-    if bits == 4:  # column 32 kb + 8 j + 2 c + b  <-  k = 32 kb + 8 c + 4 b + j
-        v = x.reshape(m, kp // 32, 4, 2, 4).permute(0, 1, 4, 2, 3)
-    else:  # column 8 p + 2 c + b  <-  k = 32 c + 2 p + b
-        v = x.reshape(m, kp // 128, 4, 16, 2).permute(0, 1, 3, 2, 4)
-    return v.reshape(m, kp)
-
-
-@triton.jit
-def _x_columns(BITS: tl.constexpr):
-    """Natural k offset (within a k-block) of each tile column: loading x at these offsets gives it in
-    the tile's column order with no register permutation (XP)."""
-    v = tl.arange(0, BK_H2)
-    if BITS == 4:  # column 32 kb + 8 j + 2 c + b  <-  k = 32 kb + 8 c + 4 b + j
-        k = (v // 32) * 32 + ((v % 8) // 2) * 8 + (v % 2) * 4 + (v % 32) // 8
-    else:  # column 8 p + 2 c + b  <-  k = 32 c + 2 p + b
-        k = ((v % 8) // 2) * 32 + (v // 8) * 2 + (v % 2)
-    return k
-
-
 @triton.jit
 def _index(NR: tl.constexpr, KB: tl.constexpr):
     """Index tensors of the words ``[KB, 2, NR, 4, 8, 4]``: tile row ``nr*64 + nh*16 + n3*8 + nl``, slab
@@ -284,7 +256,7 @@ def gemm_h2_kernel(
     M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0, XP: tl.constexpr = 0,
+    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0,
 ):
     """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
     block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
@@ -307,17 +279,14 @@ def gemm_h2_kernel(
     sz = (n0 // T) * (groups_pad * T) + (n0 % T)
     szbase = sz + rows
     szvec = sz + tl.arange(0, BN)
-    if XP == 1:
-        kk0 = _x_columns(BITS)
-    else:
-        kk0 = tl.arange(0, BK_H2)
+    kk0 = tl.arange(0, BK_H2)
     # POST (one group per k-block): the tile is u - z and the group's scale multiplies its partial
     # sums (BN x BM FMAs instead of a pair multiply per two weights). Per-channel: the tile is the
     # bare 1024 + u, the dot sum_k x_k (1024 + u_k), and after the loop -(1024 + z) sum_k x_k and the
     # scale are applied; the cancellation costs about 2^-24 * 1024 / |u - z| of the sum, far inside
     # the 16-bit output's 2^-11.
     RPI: tl.constexpr = 16 if BITS == 4 else 4
-    POST: tl.constexpr = PER_CHANNEL or (GROUP_ROWS >= RPI and BM <= 64)  # large BM: BN x BM FMAs cost more than the pair multiplies
+    POST: tl.constexpr = PER_CHANNEL or GROUP_ROWS >= RPI
 
     xacc = tl.zeros([BM, BK_H2], dtype=tl.float32)  # per-channel: x summed over k-blocks
     acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -335,16 +304,12 @@ def gemm_h2_kernel(
         kk = it * BK_H2 + kk0
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if XP != 0:
-            xf = xa
-        else:
-            xf = _x_fragment_order(xa, BITS)
         if PER_CHANNEL:  # bare 1024 + u; the zero point and the scale after the loop
             if BITS == 4:
                 wt = _tile_w4(w0, w0, w0, w0, 0.0, False, ASM, True)
             else:
                 wt = _tile_w3(w0, w1, w2, w0, w0, w0, w0, 0.0, False, ASM, True)
-            acc = tl.dot(wt, tl.trans(xf), acc)
+            acc = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)), acc)
             xacc += xa.to(tl.float32)  # reduced over k once, after the loop
         elif POST:  # u - z (exact); the group's scale multiplies its partial sums
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, w0, ASM)
@@ -352,7 +317,7 @@ def gemm_h2_kernel(
                 wt = _tile_w4(w0, w0, za, zb, zf, False, ASM)
             else:
                 wt = _tile_w3(w0, w1, w2, w0, za, zb, zc, zf, False, ASM)
-            part = tl.dot(wt, tl.trans(xf))
+            part = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)))
             acc += _nvec(s, BN).to(tl.float32)[:, None] * part
         else:
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, w0, ASM)
@@ -362,7 +327,7 @@ def gemm_h2_kernel(
                 wt = _tile_w4(w0, s2, za, zb, zf, True, ASM)
             else:
                 wt = _tile_w3(w0, w1, w2, s2, za, zb, zc, zf, True, ASM)
-            acc = tl.dot(wt, tl.trans(xf), acc)
+            acc = tl.dot(wt, tl.trans(_x_fragment_order(xa, BITS)), acc)
     if PER_CHANNEL:
         if SYM:
             zoff = tl.full([BN], 1024.0 + OFFSET, tl.float32)

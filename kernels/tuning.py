@@ -52,8 +52,6 @@ class GemmConfig:
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)
     maxnreg: int | None = None  # register cap per thread (fp16-pair GEMM)
-    xp: int = 0  # fp16-pair GEMM, x into the tile's column order: 0 permuted in registers, 1 loaded at
-    # permuted addresses, 2 permuted once per call by a copy (natural loads in the kernel)
 
 
 def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:

@@ -139,7 +139,6 @@ def main() -> None:
     ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
     ap.add_argument("--stream-k", action="store_true", help="gemv_h2: stream-K grid")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread")
-    ap.add_argument("--xp", type=int, default=0, help="gemm_h2: x order (0 registers, 1 permuted addresses, 2 pre-permuted)")
     ap.add_argument("--ttgir", action="store_true", help="print the TTGIR (layouts, converts)")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
@@ -169,7 +168,7 @@ def main() -> None:
         from kernels.gemm_h2 import gemm_h2_kernel
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
         gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
-        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True, XP=a.xp)
+        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True)
         k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages, maxnreg=a.maxnreg or None)
         vals = 128 * a.bn
     else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeptc sweeptc2 sweeplarge sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,14 +25,6 @@ for s in $STAGES; do
       stamp sweeptc
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
         --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
-    sweeptc2)  # run 10: x order variants of the fp16-pair GEMM at small M
-      stamp sweeptc2
-      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only "x4 r128" xp2 --shapes 8192x28672 28672x8192 \
-        --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc2" 2>&1 | grep -v Warning | tee "$OUT/sweeptc2.log" | tail -80 ;;
-    sweeplarge)  # run 10: the fp16-pair GEMM with large M blocks vs dequantize + cuBLAS
-      stamp sweeplarge
-      timeout 400 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc-h2 dequant --shapes 8192x28672 8192x8192 \
-        3584x18944 --m 512 2048 --bits 4 3 --reps 10 --out "$OUT/sweeplarge" 2>&1 | grep -v Warning | tee "$OUT/sweeplarge.log" | tail -60 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

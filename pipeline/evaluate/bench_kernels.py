@@ -101,12 +101,11 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                                                  "split": sp, "h2": True}))
     if 2 <= m <= 64 and bits in (3, 4):  # the fp16-pair tensor-core GEMM (gemm_h2.py)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        # run 10: x into the tile's column order by permuted addresses (xp1) or one copy per call (xp2)
-        for bn, w, waves, mr, xp in [(128, 4, 4, 128, 0), (128, 4, 4, 128, 1), (128, 4, 4, 128, 2), (64, 4, 6, None, 0),
-                                     (64, 4, 6, None, 2), (128, 4, 3, None, 2), (128, 4, 5, 128, 2)]:
-            out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}{f' xp{xp}' if xp else ''}",
+        for bn, w, waves, mr in [(128, 4, 4, 128), (128, 4, 4, None), (64, 4, 6, None), (64, 4, 4, None),
+                                 (128, 4, 3, None), (128, 4, 2, 128), (256, 8, 2, 128), (128, 8, 3, None)]:
+            out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr,
-                         "num_warps": w, "xp": xp}))
+                         "num_warps": w}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64
@@ -122,10 +121,6 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
             out.append((f"gemm{' trans' if tr else ''} BM{bm} BN{bn} BK{bk} w{w} s{st}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st, "trans": tr}))
         out.append(("dequant + cuBLAS", {"impl": "deqmm"}))
-        if bits in (3, 4):  # run 10: the fp16-pair GEMM with large M blocks (x pre-permuted, pipelined by Triton)
-            for bm, bn, w in [(128, 128, 8), (64, 128, 8), (256, 128, 8), (128, 64, 4), (64, 64, 4)]:
-                out.append((f"tc-h2 BM{bm} BN{bn} w{w} xp2", {"impl": "gemm", "BM": bm, "BN": bn, "h2": True,
-                                                              "num_warps": w, "xp": 2}))
     return out
 
 

@@ -139,15 +139,6 @@ def test_gemm_h2(bits, sym, group, gen, device):
                   GemmConfig(BM=16, BN=256, h2=True, num_warps=8, split=3), tile=256)
 
 
-@pytest.mark.parametrize("xp", [1, 2])
-@pytest.mark.parametrize("bits,sym,group", [(4, False, 128), (3, True, None), (4, True, 32)])
-def test_gemm_h2_x_permuted_loads(bits, sym, group, xp, gen, device):
-    """x brought into the tile's column order by permuted addresses (xp=1) or by a copy per call (xp=2)
-    must give the same products as the register permutation (K not a multiple of 128: a padded k-block)."""
-    _run_gemm(5, 37, bits, group, sym, torch.float16, gen, device, GemmConfig(BM=16, BN=64, h2=True, split=2, xp=xp),
-              bias=True, tile=64)
-
-
 def test_gemm_h2_accumulate_and_refusals(gen, device):
     """Accumulate mode adds (twice gives twice); bf16 x, W8, a BN the kernel cannot map and a 16-bit
     accumulator are refused with the reason."""
