@@ -10,7 +10,8 @@ import torch
 from .layout import MAGIC_BITS, PackedWeight
 from .pdl import mode as pdl_mode
 from .pdl import launch_kwargs
-from .tuning import DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemv_config, gemv_h2_config
+from .tuning import (DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_config, gemm_h2_config, gemv_config,
+                     gemv_h2_config)
 
 _WS: dict[tuple[str, str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -426,7 +427,8 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
            acc_out: torch.Tensor | None = None) -> torch.Tensor:
     """The dispatcher. On CUDA the first call of each (scheme, M bucket, N, K) times a few
     candidate paths and configs (``kernels.autotune``) and keeps the fastest; elsewhere, or with
-    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, else the tensor-core GEMM. ``glu``: see ``gemv``.
+    VLMQ_AUTOTUNE=0: GEMV for M <= GEMV_MAX_M, the fp16-pair tensor-core GEMM up to M=64 where it
+    applies, else the tensor-core GEMM (dequantize + cuBLAS from DEQUANT_MIN_M). ``glu``: see ``gemv``.
     ``acc_out``: add the product into this zeroed-by-the-caller fp32 ``[M, N]`` buffer and return it
     (``gemv(accumulate=True)``; other paths add their result)."""
     from . import autotune
@@ -447,5 +449,8 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
             return fn(*args)
     if m <= GEMV_MAX_M:
         return gemv(x, pw, bias, out=acc_out, glu=glu, accumulate=acc)
+    h2 = gemm_h2_config(m, pw.tile)
+    if m <= 64 and gemm_h2_applies(x, pw) and not (glu and h2.BN % (2 * glu)):  # accumulate and glu in-kernel
+        return gemm(x, pw, bias, out=acc_out, cfg=h2, accumulate=acc, glu=glu)
     y = _glu_after(gemm_dequant(x, pw, bias) if m >= DEQUANT_MIN_M else gemm(x, pw, bias), glu)
     return acc_out.add_(y) if acc else y

@@ -246,3 +246,43 @@ def test_rope_attention_reads_fp32_qkv_as_fp16(gen, device):
     b16 = rope_attention(qkv.half(), inv_freq, p, k2, v2, hq, hkv, block=16)
     assert a.dtype == torch.float16
     assert torch.equal(a.cpu(), b16.cpu()) and torch.equal(k1.cpu(), k2.cpu()) and torch.equal(v1.cpu(), v2.cpu())
+
+
+@pytest.mark.parametrize("m,glu", [(3, 0), (16, 32), (40, 0)])
+def test_dispatcher_default_small_m_is_the_fp16_pair_gemm(m, glu, gen, device, monkeypatch):
+    """Autotuner off (CPU, VLMQ_AUTOTUNE=0): 2 < M <= 64 with fp16 x goes to the fp16-pair GEMM (the
+    autotuner's pick on the H100 at M=4 and 16), with accumulate and glu in the kernel; the products
+    match float64 (tile 64: BN64; tile 128: BN128)."""
+    import kernels.gemm_h2 as gh
+    from kernels.dispatch import matmul
+    from kernels.layout import pack
+    from kernels.reference import linear_ref, weight_f64
+    from kt_helpers import assert_matches, random_qweight, random_x
+
+    calls = []
+    real = gh.gemm_h2_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(gh, "gemm_h2_kernel", Spy())
+    n, k = 256, 384
+    qw = random_qweight(n, k, 4, 128, False, torch.float16, gen)
+    for tile in (64, 128):
+        pw = pack(qw, tile=tile, device=device)
+        x = random_x(m, k, torch.float16, gen, device)
+        ref = linear_ref(x.cpu(), qw)
+        if glu:  # x scaled down: silu(gate) * up of random weights overflows fp16 otherwise
+            x = x / 16
+            want = silu_mul(matmul(x, pw), interleave=glu)
+            got = matmul(x, pw, glu=glu)
+            assert torch.isfinite(got).all()
+            assert torch.allclose(got.float(), want.float(), atol=1e-3, rtol=1e-3), float((got - want).abs().max())
+        else:
+            assert_matches(matmul(x, pw), ref, x, weight_f64(qw), torch.float16, slack=3.0)
+            acc = torch.zeros(m, n, dtype=torch.float32, device=device)
+            assert matmul(x, pw, acc_out=acc) is acc
+            assert_matches(acc.half(), ref, x, weight_f64(qw), torch.float16, slack=3.0)
+    assert len(calls) == 4  # every product above ran the fp16-pair GEMM
