@@ -198,8 +198,9 @@ def sections(report: dict[str, Any], out_dir: Path) -> list[tuple[str, list[Any]
     rows = [["model", f"{report.get('model', '?')} ({report.get('family', '?')})"],
             ["recipe", report.get("recipe_label") or recipe.get("method", "?")]]
     if "quantized_linears" in report:
-        rows.append(["quantized", f"{report['quantized_linears']} Linears in {report.get('quantized_layers')} layers"
-                                  + (" + the lm_head" if head_quantized(report) else "")])
+        head = head_quantized(report)  # quantized_linears counts the head too
+        rows.append(["quantized", f"{report['quantized_linears'] - head} Linears in {report.get('quantized_layers')} "
+                                  f"layers" + (" + the lm_head" if head else "")])
     if "lm_head" in report:
         rows.append(["lm_head", lm_head_line(report)])
     if sizes.get("before") and sizes.get("after"):

@@ -21,8 +21,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("model", f"{report.get('model')} ({report.get('family')})"))
     rows.append(("recipe", report.get("recipe_label", "")))
     if "quantized_linears" in report:
-        rows.append(("quantized", f"{report['quantized_linears']} Linears in {report['quantized_layers']} decoder layers"
-                                  + (" + the lm_head" if head_quantized(report) else "")))
+        head = head_quantized(report)  # quantized_linears counts the head too
+        rows.append(("quantized", f"{report['quantized_linears'] - head} Linears in {report['quantized_layers']} "
+                                  f"decoder layers" + (" + the lm_head" if head else "")))
     if "lm_head" in report:
         rows.append(("lm_head", lm_head_line(report)))
     if sizes:

@@ -139,7 +139,13 @@ def test_job_packs_the_lm_head(ray_local, tiny_dirs, tmp_path):
     assert json.loads((fp_head.out / "report.json").read_text())["lm_head"]["quantized"] is False
     assert rep["fidelity"]["text"]["kl"] != fp_head.report["fidelity"]["text"]["kl"]
     md = (ckpt / "report" / "report.md").read_text()
-    assert "lm_head" in md and "quantized W4 g32 (RTN)" in md and "+ the lm_head" in md
+    assert "lm_head" in md and "quantized W4 g32 (RTN)" in md and "14 Linears in 2 layers + the lm_head" in md
+    from pipeline.evaluate.summary import summary_rows
+
+    rows = dict(summary_rows(with_head.report))
+    assert rows["quantized"] == "14 Linears in 2 decoder layers + the lm_head"
+    assert rows["lm_head"].startswith("quantized W4 g32 (RTN), 512x128")
+    assert dict(summary_rows(fp_head.report))["lm_head"].startswith("16-bit, not quantized")
     assert json.loads((ckpt / "vlmq.json").read_text())["recipe"]["quantize_lm_head"] is True
 
     # vlmq's kernels (Triton interpreter on CPU) reproduce the fake path, the head a QuantLinear too
