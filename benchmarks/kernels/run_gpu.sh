@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the issue's kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncu   (default: info tests sweep bench decode)
+# stages: info tests sweep sweeptc sweeppf sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,6 +25,11 @@ for s in $STAGES; do
       stamp sweeptc
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
         --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
+    sweeppf)  # run 10: L2 prefetch ahead (pf) in the fp16-pair GEMV (M=1) and GEMM (M=16), next to the configs without it
+      stamp sweeppf
+      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only "h2 BN64 R16 w4 x8" "h2 BN128 R4 w4 x6" split3 pf \
+        "tc-h2 BM16 BN128 w4 x4 r128" --shapes 8192x28672 28672x8192 --m 1 16 --bits 4 3 --reps 15 --out "$OUT/sweeppf" 2>&1 \
+        | grep -v Warning | tee "$OUT/sweeppf.log" | tail -80 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
@@ -92,6 +97,14 @@ for _ in range(3): rope_attention(qkv, f, p, kc, vc, 28, 4)
 torch.cuda.synchronize()" > "$OUT/ncu_attn.log" 2>&1
       for f in ncu_small ncu_attn; do echo "-- $f"; grep -E "Duration|DRAM Throughput|Registers|Achieved Occupancy|Grid Size|Warp Cycles Per Issued|stalled_.*ratio +[a-z]* +[0-9.]+" "$OUT/$f.log" \
         | awk '{ if ($0 ~ /stalled/) { if ($NF+0 >= 0.3) print } else print }'; done ;;
+    ncutc)  # run 10: the fp16-pair GEMM at M=16 on the two big shapes side by side (2.12 vs 2.33 TB/s): stall reasons
+      stamp ncutc
+      NCU="ncu --clock-control none -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+      for sh in 8192x28672 28672x8192; do
+        VLMQ_AUTOTUNE=0 timeout 90 $NCU -k regex:gemm_h2 python3 -m pipeline.evaluate.bench_kernels --no-baselines \
+          --shapes $sh --m 16 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu_tc_$sh.log" 2>&1
+        echo "-- $sh"; grep -E "Duration|DRAM Throughput|L2 Hit|Mem Busy|Max Bandwidth|Registers|Achieved Occupancy|Grid Size|Warp Cycles Per Issued|stalled_.*ratio +[a-z]* +[0-9.]+" "$OUT/ncu_tc_$sh.log" | awk '$NF+0 > 0.05 || !/stalled/'
+      done ;;
     ncu)
       stamp ncu
       for b in 4 3; do
