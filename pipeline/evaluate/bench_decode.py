@@ -15,7 +15,8 @@ applies silu-mul in its epilogue, the other packed GEMVs add their k-splits into
 next kernel reads (batch <= 4), and rotary + KV write + attention are one launch per GQA group
 on tensor cores; the fp16 baseline shares every glue kernel.
 
-    python -m pipeline.evaluate.bench_decode --out bench-out            # batch 1 and 8, fp16/W4/W3
+    python -m pipeline.evaluate.bench_decode --out bench-out   # batch 1 and 8: fp16, W4, W3, each packed variant
+                                                               # with the lm_head fp16 and packed (+head)
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def register(subparsers) -> None:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-decode", help="folder for decode.json and decode.md")
-    p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3"], help="fp16, w4, w3, w2, w8, w4a8; a '+head' suffix (w4+head) packs the lm_head too, "
-                   "as a checkpoint written with `vlmq quantize --quantize-lm-head` has it")
+    p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3", "w4+head", "w3+head"],
+                   help="fp16, w4, w3, w2, w8, w4a8; a '+head' suffix (w4+head) packs the lm_head too, as a "
+                        "checkpoint written with `vlmq quantize --quantize-lm-head` has it (default: fp16 w4 w3 "
+                        "w4+head w3+head)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache when timing starts")
