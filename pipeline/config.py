@@ -20,6 +20,7 @@ from .errors import VlmqError, nearest
 WBITS = (2, 3, 4, 8)
 ABITS = (16, 8, 6, 4)  # 8: real W4A8; 6 and 4: fake-quant evaluation only (Q-VLM settings)
 GROUP_SIZES = (32, 64, 128)
+PER_CHANNEL_WORDS = ("channel", "none", "0", "-1")  # --group-size / --lm-head-group-size spellings of per-channel
 METHODS = ("rtn", "awq", "mbq", "smoothquant", "qvlm", "qvlm+mbq")
 
 
@@ -50,6 +51,11 @@ class QuantRecipe:
     # Off by default, as in MBQ/AWQ: the head is usually the most accuracy-sensitive Linear, but
     # at W4 its fp16 matrix is ~17% of a 7B decode step. Tied embeddings are untied on write.
     quantize_lm_head: bool = False
+    # The head's own precision (either one implies quantize_lm_head). None: the recipe's wbits /
+    # group_size; lm_head_group_size 0: per output channel. Symmetry follows the recipe. Why: the
+    # head is the most sensitive Linear, so "W3 layers + W4 head" keeps most of the decode gain.
+    lm_head_bits: int | None = None
+    lm_head_group_size: int | None = None
     # AWQ / MBQ
     clip: bool = True
     loss: str = "mae"  # mbq: mae | mse
@@ -69,10 +75,44 @@ class QuantRecipe:
     veo_samples: int = 16
 
     @property
+    def head_bits(self) -> int:
+        """Bits of the packed lm_head: its own, else the decoder Linears'."""
+        return self.wbits if self.lm_head_bits is None else self.lm_head_bits
+
+    @property
+    def head_group_size(self) -> int | None:
+        """Group size of the packed lm_head (None: per channel): its own, else the recipe's."""
+        if self.lm_head_group_size is None:
+            return self.group_size
+        return None if self.lm_head_group_size <= 0 else self.lm_head_group_size
+
+    @property
+    def head_differs(self) -> bool:
+        """Whether the packed head's scheme is not the decoder Linears' (two schemes in the checkpoint)."""
+        return (self.head_bits, self.head_group_size) != (self.wbits, self.group_size)
+
+    @property
     def label(self) -> str:
-        g = "ch" if self.group_size is None else f"g{self.group_size}"
         a = f"A{self.abits}" if self.abits < 16 else ""
-        return f"{self.method} W{self.wbits}{a} {g}{' sym' if self.sym else ''}{' +head' if self.quantize_lm_head else ''}"
+        head = ""
+        if self.quantize_lm_head:
+            head = f" +head W{self.head_bits} {_g(self.head_group_size)}" if self.head_differs else " +head"
+        return f"{self.method} W{self.wbits}{a} {_g(self.group_size)}{' sym' if self.sym else ''}{head}"
+
+
+def _g(group_size: int | None) -> str:
+    return "ch" if group_size is None else f"g{group_size}"
+
+
+def head_plan(r: QuantRecipe) -> str:
+    """One line saying how the lm_head will be stored (``--dry-run`` prints it)."""
+    if not r.quantize_lm_head:
+        return "lm_head: fp16 (--quantize-lm-head or --lm-head-bits packs it)"
+    sym = " sym" if r.sym else ""
+    layers = f"W{r.wbits} {_g(r.group_size)}{sym}"
+    if not r.head_differs:
+        return f"lm_head: packed like the decoder Linears, {layers} (RTN)"
+    return f"lm_head: packed W{r.head_bits} {_g(r.head_group_size)}{sym} (RTN); decoder Linears {layers}"
 
 
 @dataclass
@@ -162,6 +202,9 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             guess = nearest(str(key), names)
             hint = f"did you mean '{prefix}{guess}'?" if guess else f"valid keys: {', '.join(names)}"
             raise VlmqError(f"unknown key '{prefix}{key}' in the job spec", hint)
+        if prefix + key == "recipe.lm_head_group_size" and isinstance(value, str) \
+                and value.lower() in PER_CHANNEL_WORDS:
+            value = 0  # per-channel; None (YAML null) is "the recipe's group size"
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -216,6 +259,41 @@ def _choice(value: Any, choices: tuple, what: str, fix: str | None = None) -> No
         raise VlmqError(f"{what} {value!r} is not supported (choose from {', '.join(map(str, choices))})", fix)
 
 
+def _head_flags(r: QuantRecipe) -> str:
+    """The head-precision flags a recipe sets, as the user would have typed them."""
+    flags = []
+    if r.lm_head_bits is not None:
+        flags.append(f"--lm-head-bits {r.lm_head_bits}")
+    if r.lm_head_group_size is not None:
+        flags.append(f"--lm-head-group-size {r.lm_head_group_size or 'channel'}")
+    return " ".join(flags)
+
+
+def _validate_head(r: QuantRecipe, given: dict[str, Any]) -> None:
+    """``--lm-head-bits`` / ``--lm-head-group-size`` imply ``--quantize-lm-head`` (they are
+    meaningless for an fp16 head); an explicit ``--no-quantize-lm-head`` beside them is a
+    contradiction and is refused rather than guessed at."""
+    flags = _head_flags(r)
+    if flags:
+        if "quantize_lm_head" in given and not r.quantize_lm_head:
+            raise VlmqError(f"{flags} sets the packed lm_head's precision, but --no-quantize-lm-head "
+                            "(recipe.quantize_lm_head: false) keeps the lm_head fp16",
+                            f"drop --no-quantize-lm-head to pack the head, or drop {flags} to keep it fp16")
+        r.quantize_lm_head = True
+    if r.lm_head_bits is not None:
+        _choice(r.lm_head_bits, WBITS, "--lm-head-bits",
+                "use one of 2, 3, 4, 8 (e.g. --wbits 3 --lm-head-bits 4: the head is the most sensitive "
+                "Linear), or drop it to pack the head with --wbits")
+    if r.lm_head_group_size is not None and r.lm_head_group_size != 0 and r.lm_head_group_size not in GROUP_SIZES:
+        raise VlmqError(f"--lm-head-group-size {r.lm_head_group_size!r} is not supported (choose from 32, 64, 128, "
+                        "channel)", "use 32, 64, 128 or 'channel', or drop it to use --group-size")
+    if r.quantize_lm_head and r.abits < 16:
+        what = flags or "--quantize-lm-head"
+        raise VlmqError(f"{what} is weight-only; it does not combine with --abits {r.abits} "
+                        "(the head's input would need int8 activations too, which no reference path checks)",
+                        f"drop {what} (the lm_head stays fp16), or use weight-only --abits 16")
+
+
 def validate_spec(spec: JobSpec, explicit: dict[str, Any] | None = None) -> None:
     """Model-independent checks. ``explicit`` is the raw input, to tell defaults from choices."""
     r = spec.recipe
@@ -239,10 +317,7 @@ def validate_spec(spec: JobSpec, explicit: dict[str, Any] | None = None) -> None
             raise VlmqError("W4A8 weights are symmetric int4; --no-sym does not apply", "drop --no-sym")
         r.group_size = None
         r.sym = True
-    if r.quantize_lm_head and r.abits < 16:
-        raise VlmqError(f"--quantize-lm-head is weight-only; it does not combine with --abits {r.abits} "
-                        "(the head's input would need int8 activations too, which no reference path checks)",
-                        "drop --quantize-lm-head (the lm_head stays fp16), or use weight-only --abits 16")
+    _validate_head(r, given)
     if r.method == "smoothquant" and r.abits != 8:
         raise VlmqError("smoothquant is the W4A8 baseline", "pass --wbits 4 --abits 8")
     _choice(r.loss, ("mae", "mse"), "--loss")
