@@ -85,8 +85,9 @@ def check_job(spec: JobSpec) -> Prepared:
     source = open_model_source(model_ref, spec.allow_pickle)  # validates every safetensors header
     config = source.config_dict
     adapter = detect_adapter(config)
-    if spec.recipe.group_size is not None:
-        check_group_size(config, adapter, spec.recipe.group_size, lm_head=spec.recipe.quantize_lm_head)
+    r = spec.recipe
+    check_group_size(config, adapter, r.group_size, lm_head=r.quantize_lm_head,
+                     lm_head_group_size="same" if r.lm_head_group_size is None else r.head_group_size)
     device = _pick_device(spec.resources.device)
     compute, storage = _dtypes(config, spec.resources.dtype, device)
     n_layers = _num_layers(config, adapter)

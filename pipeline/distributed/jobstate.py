@@ -2,7 +2,8 @@
 
 Finished blocks are their part files (written atomically); everything else a job computes is
 either cheap to redo or saved here as small JSON (sensitivity ratios, partition). ``--resume``
-continues only a job with the same fingerprint; a different one is refused, never mixed.
+continues only a job with the same fingerprint; a different one is refused, never mixed. The
+lm_head's own fields are left out of it (``HEAD_FIELDS``): its part is checked by scheme instead.
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ def code_identity() -> dict[str, Any]:
     return {"version": __version__, "quant_sources": h.hexdigest()[:16]}
 
 
+# The lm_head's fields: no block, sensitivity or partition depends on them, and the head's part
+# file records its own scheme (``stages.quantize_head`` redoes a head of another scheme), so a
+# job resumed with another head precision keeps its finished blocks.
+HEAD_FIELDS = ("quantize_lm_head", "lm_head_bits", "lm_head_group_size")
+
+
 def fingerprint(spec: JobSpec, model_ref: str) -> dict[str, Any]:
-    recipe = dataclasses.asdict(spec.recipe)
+    recipe = {k: v for k, v in dataclasses.asdict(spec.recipe).items() if k not in HEAD_FIELDS}
     return {
         "model": _sha(model_identity(model_ref)),
         "recipe": recipe,

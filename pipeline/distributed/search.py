@@ -26,6 +26,13 @@ def recipe_scheme(ctx: JobContext) -> QuantScheme:
     return QuantScheme(bits=r.wbits, group_size=r.group_size, symmetric=r.sym)
 
 
+def head_scheme(ctx: JobContext) -> QuantScheme:
+    """The packed lm_head's scheme: ``--lm-head-bits`` / ``--lm-head-group-size`` where given,
+    else the decoder Linears'; symmetry always follows the recipe."""
+    r = ctx.recipe
+    return QuantScheme(bits=r.head_bits, group_size=r.head_group_size, symmetric=r.sym)
+
+
 def load_block_calib(ctx: JobContext, first_layer: int, sensitivity: dict | None) -> BlockCalib:
     """The fp inputs of the block's first layer (every sample group), with each sample's
     shared metadata (layer kwargs, modality masks)."""

@@ -166,7 +166,7 @@ def _head_task(ctx: JobContext, out_path: str) -> dict[str, Any]:
     from ..models import ADAPTERS
     from ..quant.head import quantize_lm_head
     from .models import job_source
-    from .search import recipe_scheme
+    from .search import head_scheme
 
     t0 = time.perf_counter()
     adapter = ADAPTERS[ctx.family]
@@ -174,31 +174,48 @@ def _head_task(ctx: JobContext, out_path: str) -> dict[str, Any]:
     source = job_source(ctx, head=True)
     w = source.get(f"{adapter.lm_head_path}.weight").to(device)
     with torch.no_grad():
-        result = quantize_lm_head(w, recipe_scheme(ctx), ctx.torch_storage_dtype, adapter.lm_head_path)
+        result = quantize_lm_head(w, head_scheme(ctx), ctx.torch_storage_dtype, adapter.lm_head_path)
     write_part(out_path, result, full_name=lambda k: k)
     return {**result.metrics, "task_s": round(time.perf_counter() - t0, 3)}
 
 
 def quantize_head(ctx: JobContext, ray_ctx: RayContext, view: JobView) -> dict[str, Any] | None:
     """``recipe.quantize_lm_head``: the lm_head's part file (kept across --resume: parts are
-    atomic). Returns its metrics for the report, or None when the recipe keeps the head fp16."""
+    atomic). Returns its metrics for the report, or None when the recipe keeps the head fp16.
+
+    A kept part is reused only when it holds the head in the scheme this job asks for: the head
+    fields are not in the resume fingerprint (no block depends on them), so a job resumed with
+    another ``--lm-head-bits`` / ``--lm-head-group-size`` finds the old head here and redoes it."""
     import ray
 
     from ..checkpoint.parts import read_part_index
+    from ..models import ADAPTERS
+    from .search import head_scheme
 
     if not ctx.recipe.quantize_lm_head:
         return None
     out = head_part_path(ctx)
+    name, want = ADAPTERS[ctx.family].lm_head_path, head_scheme(ctx)
     if out.is_file():
         try:
-            return {**read_part_index(out).metrics, "resumed": True}
+            index = read_part_index(out)
         except Exception:  # unreadable: redo it
-            out.unlink()
+            index = None
+        if index is not None and index.schemes == {name: want}:
+            return {**index.metrics, "resumed": True}
+        if index is not None:
+            old = ", ".join(f"{m} {_scheme_words(s)}" for m, s in index.schemes.items())
+            view.info(f"resume: the kept lm_head part holds {old}; this job wants {_scheme_words(want)}: redoing it")
+        out.unlink()
     task = ray.remote(max_retries=MAX_RETRIES, **placement(ray_ctx, share=1.0))(_head_task)
     metrics = ray.get(task.remote(ctx, str(out)))
-    view.info(f"lm_head {metrics['shape'][0]}x{metrics['shape'][1]} quantized (RTN): relative weight error "
-              f"{metrics['rel_weight_error']:.4g}")
+    view.info(f"lm_head {metrics['shape'][0]}x{metrics['shape'][1]} quantized (RTN, {_scheme_words(want)}): "
+              f"relative weight error {metrics['rel_weight_error']:.4g}")
     return metrics
+
+
+def _scheme_words(s: Any) -> str:
+    return f"W{s.bits} {'ch' if s.group_size is None else f'g{s.group_size}'}{' sym' if s.symmetric else ''}"
 
 
 REFERENCE_POSITIONS = 32

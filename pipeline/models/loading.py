@@ -245,26 +245,34 @@ def layer_linear_names(adapter: VLMAdapter, config: dict[str, Any] | None = None
     return [name for g in adapter.linear_groups for name in g.linears]
 
 
-def check_group_size(config_dict: dict[str, Any], adapter: VLMAdapter, group_size: int,
-                     lm_head: bool = False) -> None:
+def check_group_size(config_dict: dict[str, Any], adapter: VLMAdapter, group_size: int | None,
+                     lm_head: bool = False, lm_head_group_size: int | None | str = "same") -> None:
     """Raise ``VlmqError`` naming the first quantized Linear whose in_features ``group_size`` does
-    not divide (from the meta model: no weights read). ``group_size`` <= 0 means per-channel.
-    ``lm_head``: the recipe packs the lm_head too, so it is checked as well."""
-    if group_size is None or group_size <= 0:
+    not divide (from the meta model: no weights read). ``group_size`` None or <= 0 means per-channel.
+    ``lm_head``: the recipe packs the lm_head too, so it is checked as well, with
+    ``lm_head_group_size`` when the head has its own (``--lm-head-group-size``; "same": the layers')."""
+    head_gs = group_size if lm_head_group_size == "same" else lm_head_group_size
+    checks: list[tuple[int | None, str]] = [(group_size, "--group-size")]
+    if lm_head:
+        checks.append((head_gs, "--group-size" if lm_head_group_size == "same" else "--lm-head-group-size"))
+    if all(g is None or g <= 0 for g, _ in checks):
         return
     meta = _inspect(config_dict, adapter)
     layers = meta.get_submodule(adapter.layers_path)
     names = layer_linear_names(adapter, config_dict)
-    linears = [(f"{adapter.layers_path}.{i}.{rel}", layer.get_submodule(rel))
+    linears = [(f"{adapter.layers_path}.{i}.{rel}", layer.get_submodule(rel), group_size, "--group-size")
                for i, layer in enumerate(layers) for rel in names]
     if lm_head:
-        linears.append((adapter.lm_head_path, meta.get_submodule(adapter.lm_head_path)))
-    for name, lin in linears:
-        if lin.in_features % group_size:
+        linears.append((adapter.lm_head_path, meta.get_submodule(adapter.lm_head_path), *checks[1]))
+    for name, lin, gs, flag in linears:
+        if gs is not None and gs > 0 and lin.in_features % gs:
             divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
             fix = (f"use a group size that divides {lin.in_features}: one of {divisors}, or per-channel"
                    if divisors else "use per-channel quantization (no group size)")
-            raise VlmqError(f"group size {group_size} does not divide in_features={lin.in_features} of {name}", fix)
+            if flag == "--lm-head-group-size":
+                fix = f"pass {flag} with a value that divides the hidden size {lin.in_features}: " + (
+                    f"one of {divisors}, or 'channel'" if divisors else "'channel'")
+            raise VlmqError(f"group size {gs} ({flag}) does not divide in_features={lin.in_features} of {name}", fix)
 
 
 @dataclass

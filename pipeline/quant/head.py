@@ -4,7 +4,9 @@ Why RTN and not a search: AWQ/MBQ's scale and clip searches are driven by the Li
 activations. The lm_head's input is the final norm's output (the norm feeds only the head, so
 AWQ's scales could fold into it), but the capture pass stores decoder-layer inputs only: a
 searched head would need a capture stream of its own, future work. RTN needs no data. The head
-uses the job's own scheme (bits, group size, symmetry) and scale dtype, so the packed head, the
+uses the job's scheme (bits, group size, symmetry), or its own bits / group size where the recipe
+gives them (``--lm-head-bits``, ``--lm-head-group-size``: the head is the most sensitive Linear,
+so W3 layers + a W4 head is a common choice), and the job's scale dtype, so the packed head, the
 fake-quant reference and the kernels agree to the bit, exactly as for the decoder Linears.
 
 Row chunks bound the memory: a 72B head (152k x 8192) is 5 GB in fp32 alone, and qparams are
