@@ -66,3 +66,29 @@ def test_kernel_head_with_odd_vocab(scheme):
         assert y.shape == (m, n)
         assert (y - want).abs().max().item() < 2e-3 * want.abs().max().item()  # fp16 output rounding
         assert torch.equal(y.argmax(-1), want.argmax(-1))
+
+
+def test_head_with_its_own_scheme(tmp_path, source, adapter, sample_inputs):
+    """``--lm-head-bits 8 --lm-head-group-size channel`` over W4 g32 layers (both symmetric): two
+    config groups, the head's by exact name; validate, our loader and transformers' compressed-
+    tensors integration all read each module in its own scheme."""
+    head_scheme = QuantScheme(8, None, True)
+    qws = rtn(source, adapter, SCHEME, seed=11)
+    qws[adapter.lm_head_path] = quantize_weight(source.get(f"{adapter.lm_head_path}.weight"), head_scheme,
+                                                torch.float16)
+    ref = logits_of(fake_quant_model(source, adapter, qws), sample_inputs)
+    ckpt = write_checkpoint(tmp_path / "ckpt", source, qws, stage_hook=reference_hook(sample_inputs, ref))
+    groups = json.loads((ckpt / "config.json").read_text())["quantization_config"]["config_groups"]
+    by_target = {tuple(g["targets"]): g["weights"] for g in groups.values()}
+    assert by_target[("lm_head",)]["num_bits"] == 8 and by_target[("lm_head",)]["strategy"] == "channel"
+    assert len(by_target) == 2 and sorted(len(t) for t in by_target) == [1, 14]
+    assert validate_checkpoint(ckpt).ok
+    ours = load_quantized_model(ckpt, dtype=torch.float32)
+    assert torch.equal(ours.lm_head.weight, qws["lm_head"].dequantize(torch.float32))
+    for got, want in zip(logits_of(ours, sample_inputs), ref):
+        assert torch.equal(got, want)
+    from transformers import LlavaForConditionalGeneration
+
+    tf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    for got, want in zip(logits_of(tf, sample_inputs), ref):
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

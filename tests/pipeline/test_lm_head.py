@@ -69,18 +69,20 @@ def test_cli_error_before_model_work_and_dry_run(tmp_path, capsys):
 # -- whole jobs --------------------------------------------------------------------------------
 
 
-def _reference_logits(source, adapter, qnames, scheme, inputs, head: bool):
+def _reference_logits(source, adapter, qnames, scheme, inputs, head: bool | QuantScheme):
     """float64 logits of the source model with every quantized decoder Linear (and, with ``head``,
-    the lm_head) replaced by the quantizer's fake-quant of its fp weight, applied directly."""
+    the lm_head: ``True`` in ``scheme``, or a scheme of its own) replaced by the quantizer's
+    fake-quant of its fp weight, applied directly."""
     model = build_model(source, adapter, dtype=torch.float64)
     with torch.no_grad():
         for m in qnames:
             w = source.get(f"{m}.weight")
             model.get_submodule(m).weight.copy_(fake_quantize(w, scheme, torch.float16).double())
-        if head:  # untied here, so a tied head gets its own tensor, as in the checkpoint
+        if head is not False:  # untied here, so a tied head gets its own tensor, as in the checkpoint
+            hs = scheme if head is True else head
             w = model.get_submodule(adapter.lm_head_path).weight.detach().float()
             model.get_submodule(adapter.lm_head_path).weight = nn.Parameter(
-                fake_quantize(w, scheme, torch.float16).double(), requires_grad=False)
+                fake_quantize(w, hs, torch.float16).double(), requires_grad=False)
         return [model(**{k: v.double() if v.is_floating_point() else v for k, v in x.items()}).logits[0]
                 for x in inputs]
 
@@ -186,3 +188,147 @@ def test_tied_embeddings_are_untied(ray_local, tiny_dirs, tmp_path):
     assert rep["lm_head"]["untied"] is True
     # the tied head counts once in "before", as the source stores it
     assert rep["sizes"]["before"] == sum(source.nbytes(k) for k in source.keys())
+
+
+# -- the head's own precision (--lm-head-bits / --lm-head-group-size) ---------------------------
+
+
+def test_head_precision_flags_yaml_and_label(tmp_path):
+    ns = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--wbits", "3",
+                                    "--lm-head-bits", "4", "--lm-head-group-size", "32"])
+    r = spec_from_args(ns).recipe
+    # the flags imply --quantize-lm-head; the label names the head's scheme when it differs
+    assert r.quantize_lm_head and (r.head_bits, r.head_group_size) == (4, 32)
+    assert r.label == "rtn W3 g128 +head W4 g32"
+    job = tmp_path / "job.yaml"
+    job.write_text("model: m\nout: o\nrecipe:\n  wbits: 3\n  sym: true\n  lm_head_group_size: channel\n")
+    r = spec_from_args(build_parser().parse_args(["quantize", str(job)])).recipe
+    assert r.quantize_lm_head and r.lm_head_group_size == 0 and r.head_group_size is None
+    assert (r.head_bits, r.label) == (3, "rtn W3 g128 sym +head W3 ch")
+    ns = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--lm-head-group-size", "channel"])
+    assert spec_from_args(ns).recipe.lm_head_group_size == 0
+    # the same scheme spelled out is the plain "+head"; no head flags: no head
+    assert _spec("m", "o", wbits=4, group_size=64, lm_head_bits=4, lm_head_group_size=64).recipe.label \
+        == "rtn W4 g64 +head"
+    assert "+head" not in _spec("m", "o", wbits=3).recipe.label
+
+
+@pytest.mark.parametrize("recipe,problem,fix", [
+    (dict(lm_head_bits=5), "--lm-head-bits 5 is not supported", "2, 3, 4, 8"),
+    (dict(lm_head_group_size=48), "--lm-head-group-size 48 is not supported", "'channel'"),
+    (dict(lm_head_bits=4, quantize_lm_head=False), "--no-quantize-lm-head", "drop --no-quantize-lm-head"),
+    (dict(wbits=4, abits=8, lm_head_bits=8), "--lm-head-bits 8 is weight-only", "drop --lm-head-bits 8"),
+], ids=["bits", "group", "contradiction", "w4a8"])
+def test_head_precision_errors(recipe, problem, fix):
+    with pytest.raises(VlmqError) as e:
+        _spec("m", "o", **recipe)
+    assert problem in e.value.problem and fix in e.value.fix
+
+
+def test_head_group_size_must_divide_the_hidden_size(tiny_dirs, tmp_path, capsys):
+    """The tiny LLaVA-OneVision's hidden size is 64: --group-size 32 fits its layers, a head group
+    of 128 does not; refused by --dry-run (no model work), naming the head and the flag."""
+    args = ["quantize", "--model", str(tiny_dirs["llava_onevision"]), "--out", str(tmp_path / "o"),
+            "--group-size", "32", "--dry-run"]
+    assert main([*args, "--lm-head-group-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "group size 128 (--lm-head-group-size) does not divide in_features=64 of lm_head" in err
+    assert "fix: pass --lm-head-group-size with a value that divides the hidden size 64" in err
+    assert main([*args, "--lm-head-bits", "8", "--lm-head-group-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "lm_head_bits: 8" in out and "# lm_head: packed W8 g64 (RTN); decoder Linears W4 g32" in out
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_job_with_its_own_head_scheme_and_resume(ray_local, tiny_dirs, tmp_path):
+    """LLaVA, W3 g64 decoder Linears with a W4 g32 head: two schemes in the config, each module
+    packed in its own, logits vs a float64 reference; then --resume with a W8 per-channel head
+    redoes the head only (the blocks' part files are kept)."""
+    from pipeline.distributed.context import JobContext
+    from pipeline.distributed.job import run_quantize
+    from pipeline.distributed.progress import JobView
+    from pipeline.distributed.stages import head_part_path, quantize_head
+    from pipeline.evaluate.summary import summary_rows
+
+    model_dir = tiny_dirs["llava"]
+    layers, head = QuantScheme(3, 64, False), QuantScheme(4, 32, False)
+    recipe = dict(method="rtn", wbits=3, group_size=64)
+    res = run_quantize(_spec(model_dir, tmp_path / "out", lm_head_bits=4, lm_head_group_size=32, **recipe),
+                       JobView(quiet=True))
+    ckpt = res.out
+    assert res.report["validation"]["ok"] and validate_checkpoint(ckpt).ok
+
+    # config: one group per scheme, the head's by its exact name
+    q = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    groups = {tuple(g["targets"]): g["weights"] for g in q["config_groups"].values()}
+    assert len(groups) == 2 and "lm_head" not in q["ignore"]
+    hw = groups[("lm_head",)]
+    assert (hw["num_bits"], hw["group_size"], hw["strategy"], hw["symmetric"]) == (4, 32, "group", False)
+    (dec_targets, dw), = [(t, w) for t, w in groups.items() if t != ("lm_head",)]
+    assert len(dec_targets) == 14 and (dw["num_bits"], dw["group_size"]) == (3, 64)
+
+    # tensors: the head's 4-bit codes (128 in / 8 per int32 word; 512 x 4 groups of scales) equal
+    # the quantizer applied to the source weight in the head's scheme; the decoder Linears are 3-bit
+    source = open_source(model_dir)
+    adapter = detect_adapter(source.config_dict)
+    got = {m: qw for m, qw, _ in iter_quantized(ckpt)}
+    assert got["lm_head"].scheme == head
+    assert int(got["lm_head"].qweight.max()) > 7  # uses the 4-bit range: not a 3-bit head
+    assert torch.equal(got["lm_head"].dequantize(torch.float32),
+                       fake_quantize(source.get("lm_head.weight"), head, torch.float16).float())
+    from safetensors import safe_open
+
+    wmap = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(ckpt / wmap["lm_head.weight_packed"]), "pt") as f:
+        assert f.get_slice("lm_head.weight_packed").get_shape() == [512, 16]
+        assert f.get_slice("lm_head.weight_scale").get_shape() == [512, 4]
+    decoder = [m for m in got if m != "lm_head"]
+    assert len(decoder) == 14 and all(got[m].scheme == layers for m in decoder)
+    m0 = decoder[0]
+    assert torch.equal(got[m0].dequantize(torch.float32),
+                       fake_quantize(source.get(f"{m0}.weight"), layers, torch.float16).float())
+
+    # logits of the loaded model: the float64 reference with the head in its own scheme, and not
+    # the one with the head in the layers' scheme
+    inputs = read_reference(ckpt).inputs
+    ref = _reference_logits(source, adapter, decoder, layers, inputs, head=head)
+    ref_same = _reference_logits(source, adapter, decoder, layers, inputs[:1], head=True)
+    _, logits = _loaded_logits(ckpt, inputs)
+    for a, r in zip(logits, ref):
+        assert (a.double() - r).abs().max().item() < 1e-4 * r.abs().max().item()
+    assert (logits[0].double() - ref_same[0]).abs().max().item() > 100 * 1e-4 * ref[0].abs().max().item()
+    tri, tri_logits = _loaded_logits(ckpt, inputs[:1], backend="triton")
+    assert type(tri.lm_head).__name__ == "QuantLinear"
+    assert (tri_logits[0] - logits[0]).abs().max().item() < 1e-2 * logits[0].abs().max().item()
+
+    # the label, the summary and the report say the head's scheme
+    rep = json.loads((ckpt / "report.json").read_text())
+    assert rep["recipe_label"] == "rtn W3 g64 +head W4 g32"
+    assert rep["lm_head"]["scheme"] == {"bits": 4, "group_size": 32, "symmetric": False}
+    assert dict(summary_rows(res.report))["lm_head"].startswith("quantized W4 g32 (RTN), 512x128")
+    assert "quantized W4 g32 (RTN)" in (ckpt / "report" / "report.md").read_text()
+    assert json.loads((ckpt / "vlmq.json").read_text())["quantized_linears"] == {"w3g64asym": 14, "w4g32asym": 1}
+
+    # --resume with another head scheme: the blocks are kept, the head is redone in the new one
+    parts = sorted((tmp_path / "out.work" / "parts").glob("block_*.safetensors"))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in parts}
+    w8 = QuantScheme(8, None, False)
+    spec = _spec(model_dir, tmp_path / "out", lm_head_bits=8, lm_head_group_size="channel", **recipe)
+    spec.resume = True
+    again = run_quantize(spec, JobView(quiet=True))
+    assert again.report["validation"]["ok"] and sorted(again.report["resumed_blocks"]) == [0, 1]
+    assert {p.name: p.stat().st_mtime_ns for p in parts} == mtimes, "a block was recomputed"
+    assert "resumed" not in again.report["lm_head"] and again.report["recipe_label"] == "rtn W3 g64 +head W8 ch"
+    got = {m: qw for m, qw, _ in iter_quantized(again.out)}
+    assert got["lm_head"].scheme == w8 and got[m0].scheme == layers
+    assert torch.equal(got["lm_head"].dequantize(torch.float32),
+                       fake_quantize(source.get("lm_head.weight"), w8, torch.float16).float())
+
+    # and a head part in the scheme asked for is reused as it is (no Ray task: ray_ctx None)
+    ctx = JobContext(model=str(model_dir), family=adapter.family, recipe=spec.recipe,
+                     work_dir=str(tmp_path / "out.work"), store_root="", compute_dtype="float32",
+                     storage_dtype="float16")
+    before = head_part_path(ctx).stat().st_mtime_ns
+    assert quantize_head(ctx, None, JobView(quiet=True))["resumed"] is True
+    assert head_part_path(ctx).stat().st_mtime_ns == before
