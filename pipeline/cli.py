@@ -83,7 +83,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="32, 64, 128 (default) or 'channel'")
     _bool_flag(g, "sym", "recipe.sym", "symmetric weights (loads in transformers/vLLM's symmetric path)")
     _bool_flag(g, "quantize-lm-head", "recipe.quantize_lm_head",
-               "also pack the lm_head (RTN, same bits / group size / symmetry as the layers; default off: "
+               "also pack the lm_head (RTN, same bits / group size / symmetry as the layers unless "
+               "--lm-head-bits / --lm-head-group-size; default off: "
                "fp16, as MBQ/AWQ keep it). Why: decode speed and size; the fp16 head is ~17%% of a W4 7B "
                "decode step (w4+head in `vlmq bench decode`). Cost: accuracy; the head is usually the most "
                "sensitive Linear (check the report's KL vs fp). Tied embeddings are untied: embed_tokens "
@@ -92,7 +93,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="the packed lm_head's own bits, 2, 3, 4 or 8 (default: --wbits); implies "
                    "--quantize-lm-head. The head is the most sensitive Linear, so give it more bits than "
                    "the layers: W3 layers + W4 head keeps most of the decode gain at less accuracy cost "
-                   "(W8 head: nearly lossless, half the fp16 head's bytes)")
+                   "(a W8 head: half the fp16 head's bytes, the least accuracy cost)")
     g.add_argument("--lm-head-group-size", dest="recipe.lm_head_group_size", type=_head_group_size, default=S,
                    metavar="G", help="the packed lm_head's own group size, 32, 64, 128 or 'channel' (default: "
                    "--group-size); implies --quantize-lm-head; must divide the hidden size. Symmetry "
