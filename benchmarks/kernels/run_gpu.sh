@@ -62,7 +62,7 @@ for s in $STAGES; do
       timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
     decodehead)  # the default variants plus the what-if of a packed lm_head (w4+head, w3+head)
       stamp decodehead
-      timeout 200 python3 -m pipeline.evaluate.bench_decode --variants fp16 w4 w3 w4+head w3+head --out "$OUT/decode" 2>&1 \
+      timeout 200 python3 -m pipeline.evaluate.bench_decode --variants fp16 w4 w3 w4+head w3+head w3+head4 --out "$OUT/decode" 2>&1 \
         | grep -v Warning | tee "$OUT/decode.log" ;;
     decodepdl)  # the same step without and with programmatic dependent launch, kernel breakdown of each
       stamp decodepdl

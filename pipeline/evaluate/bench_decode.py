@@ -5,8 +5,9 @@ default) on the meta device, so no 15 GB of weights are ever initialized on the 
 decoder Linears become our ``QuantLinear`` (q/k/v and gate/up fused, as inference engines do) or,
 for the baseline, fp16 ``nn.Linear`` (cuBLAS), all filled with random values. Embeddings, norms
 and ``lm_head`` stay fp16, except that a ``+head`` variant (``w4+head``, ``w3+head``) packs the
-``lm_head`` like the layers (asymmetric, ``--group``): the layout of a checkpoint written with
-``vlmq quantize --quantize-lm-head`` (the default recipe keeps the head fp16). One decode step
+``lm_head`` like the layers (asymmetric, ``--group``; ``w3+head4``: with 4 bits): the layout of a
+checkpoint written with ``vlmq quantize --quantize-lm-head [--lm-head-bits B]`` (the default recipe keeps
+the head fp16). One decode step
 (embedding, 28 layers, final norm, lm_head, greedy argmax, position + 1) is captured in one CUDA
 graph over a static KV cache and replayed step after step, so kernels, not Python, are what is
 timed. Our kernels launch with
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -45,8 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-decode", help="folder for decode.json and decode.md")
     p.add_argument("--variants", nargs="+", default=["fp16", "w4", "w3", "w4+head", "w3+head"],
                    help="fp16, w4, w3, w2, w8, w4a8; a '+head' suffix (w4+head) packs the lm_head too, as a "
-                        "checkpoint written with `vlmq quantize --quantize-lm-head` has it (default: fp16 w4 w3 "
-                        "w4+head w3+head)")
+                        "checkpoint written with `vlmq quantize --quantize-lm-head` has it, '+headB' with B bits "
+                        "(w3+head4: `--lm-head-bits 4`) (default: fp16 w4 w3 w4+head w3+head)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache when timing starts")
@@ -90,6 +92,23 @@ def _random_qlinear(k: int, n: int, bits: int, group: int | None, sym: bool, act
 
 
 GLU_BLOCK = 32  # gate/up rows interleaved in blocks of 32: the GEMV applies silu-mul in its epilogue
+_VARIANT = re.compile(r"^(?:fp16|w([2348])(a8)?(\+head([2348])?)?)$")
+
+
+def parse_variant(v: str) -> tuple[int, int, int | None]:
+    """``"w3+head4"`` -> (layer bits 3, activation bits 16, head bits 4); ``"w4+head"`` -> (4, 16, 4);
+    ``"w4"`` -> (4, 16, None: fp16 head); ``"fp16"`` -> (16, 16, None). Raises on anything else."""
+    m = _VARIANT.match(v)
+    if m is None:
+        raise ValueError(f"unknown decode variant {v!r}: fp16, w2/w3/w4/w8, w4a8, and a '+head' or '+headB' suffix "
+                         f"(w3+head, w3+head4: the lm_head packed with the layers' or B bits)")
+    if v == "fp16":
+        return 16, 16, None
+    bits, act = int(m.group(1)), 8 if m.group(2) else 16
+    if act == 8 and m.group(3):
+        raise ValueError(f"{v}: the packed lm_head is weight-only (as `vlmq quantize --quantize-lm-head`)")
+    head = (int(m.group(4)) if m.group(4) else bits) if m.group(3) else None
+    return bits, act, head
 
 
 class DecodeModel:
@@ -122,7 +141,9 @@ class DecodeModel:
                 return None
             return hf_model.get_parameter(path).detach().to(device=device, dtype=self.dtype)
 
-        def linear(paths: list[str], k: int, n: int, has_bias: bool, glu: int = 0):
+        layer_bits, act_bits, head_bits = parse_variant(variant)
+
+        def linear(paths: list[str], k: int, n: int, has_bias: bool, glu: int = 0, bits: int | None = None):
             ws = [weight_of(p + ".weight") for p in paths]
             if glu and ws[0] is not None:
                 from kernels.decode_ops import interleave_gate_up
@@ -141,8 +162,7 @@ class DecodeModel:
                     if has_bias:
                         lin.bias.copy_(b)
                 return lin
-            bits = int(variant[1])  # "w4", "w3+head", "w4a8"
-            act_bits = 8 if variant.endswith("a8") else 16
+            bits = bits or layer_bits
             grp = None if act_bits == 8 else group
             sym = act_bits == 8
             if hf_model is None:
@@ -195,8 +215,8 @@ class DecodeModel:
                     off += batch * n
         self.embed = weight_of("model.embed_tokens.weight") if hf_model else rnd(c.vocab_size, h)
         self.norm = weight_of("model.norm.weight") if hf_model else 1 + rnd(h, std=0.05)
-        if variant.endswith("+head"):  # the lm_head packed like the layers (`vlmq quantize --quantize-lm-head`)
-            self.lm_head = linear(["lm_head"], h, c.vocab_size, False)
+        if head_bits:  # the lm_head packed (`vlmq quantize --quantize-lm-head [--lm-head-bits B]`)
+            self.lm_head = linear(["lm_head"], h, c.vocab_size, False, bits=head_bits)
         else:
             self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -363,7 +383,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
 
         r["picked"] = {f"{k[7]}->{k[6]}{' glu' if k[9] else ''}{' acc' if k[10] else ''}": name
                        for k, name in autotune.chosen().items()
-                       if k[0] == "a16" and k[1] == int(variant[1]) and k[5] == autotune.m_bucket(batch)
+                       if k[0] == "a16" and k[1] in parse_variant(variant)[::2] and k[5] == autotune.m_bucket(batch)
                        and k[-1] == pdl_mode}
     del g, model
     torch.cuda.empty_cache()
@@ -412,6 +432,11 @@ def run(args) -> int:
     import transformers
     import triton
 
+    for v in args.variants:  # a misspelt variant fails here, not after the first ones have run
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            raise VlmqError(str(e), "fix --variants (see --help)") from None
     config = config_for(args.tiny, args.layers)
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -90,13 +90,14 @@ def test_silu_mul(gen, device):
     assert torch.allclose(silu_mul(gu.to(device)).cpu().float(), want, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("variant", ["fp16", "w4", "w4+head"])
+@pytest.mark.parametrize("variant", ["fp16", "w4", "w4+head", "w3+head4"])
 def test_decode_step_matches_transformers_forward(variant, gen, device):
     """Our graph-capturable step, fed one token at a time, gives the logits of transformers' own
-    forward over the whole sequence (same weights; W4: the fake-quant weights, +head: the lm_head's too)."""
+    forward over the whole sequence (same weights; W4: the fake-quant weights, +head: the lm_head's too,
+    +head4: the lm_head's at 4 bits under 3-bit layers)."""
     from transformers import Qwen2ForCausalLM
 
-    from pipeline.evaluate.bench_decode import DecodeModel, config_for
+    from pipeline.evaluate.bench_decode import DecodeModel, config_for, parse_variant
     from pipeline.quant.quantizer import QuantScheme, fake_quantize
 
     cfg = config_for(tiny=True, layers=2)
@@ -108,10 +109,12 @@ def test_decode_step_matches_transformers_forward(variant, gen, device):
             p.normal_(0, 0.05) if p.dim() > 1 else p.normal_(1.0 if p.shape[0] == 128 else 0.0, 0.05)
     model = DecodeModel(cfg, variant, 1, 16, device, group=64, hf_model=hf)
     if variant != "fp16":
+        layer_bits, _, head_bits = parse_variant(variant)
         with torch.no_grad():
             for name, mod in hf.named_modules():
-                if (name.endswith(("_proj",)) and ".layers." in name) or (name == "lm_head" and "+head" in variant):
-                    mod.weight.copy_(fake_quantize(mod.weight.half().float(), QuantScheme(4, 64, False),
+                bits = layer_bits if name.endswith("_proj") and ".layers." in name else head_bits if name == "lm_head" else None
+                if bits:
+                    mod.weight.copy_(fake_quantize(mod.weight.half().float(), QuantScheme(bits, 64, False),
                                                    torch.float16))
     hf = hf.half() if device == "cuda" else hf.float()
     toks = torch.randint(0, 300, (1, 5), generator=gen)
@@ -286,3 +289,17 @@ def test_dispatcher_default_small_m_is_the_fp16_pair_gemm(m, glu, gen, device, m
             assert matmul(x, pw, acc_out=acc) is acc
             assert_matches(acc.half(), ref, x, weight_f64(qw), torch.float16, slack=3.0)
     assert len(calls) == 4  # every product above ran the fp16-pair GEMM
+
+
+def test_decode_variant_names():
+    """The bench's variant grammar: layer bits, W4A8, and the packed head with the layers' or its own bits."""
+    from pipeline.evaluate.bench_decode import parse_variant
+
+    assert parse_variant("fp16") == (16, 16, None)
+    assert parse_variant("w4") == (4, 16, None)
+    assert parse_variant("w3+head") == (3, 16, 3)
+    assert parse_variant("w3+head4") == (3, 16, 4)
+    assert parse_variant("w4a8") == (4, 8, None)
+    for bad in ("w5", "w4+head5", "fp8", "w4a8+head", "w4+hed"):
+        with pytest.raises(ValueError, match="variant|weight-only"):
+            parse_variant(bad)
