@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ _BEST: dict[tuple, Callable] = {}
 _TRACE: dict[tuple, list[tuple[str, float]]] = {}
 _NAME: dict[tuple, str] = {}
 _LAST: list[str | None] = [None]
+_REJECTED: dict[tuple, list[tuple[str, float]]] = {}
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -95,10 +97,47 @@ def time_candidates(cands: list[tuple[str, Callable]], args: tuple, reps: int = 
     return out
 
 
+AGREE_TOL = 2e-2  # of the reference's largest magnitude: rounding differences between paths are ~1e-3
+
+
+def agreeing(key: tuple, cands: list[tuple[str, Callable]], check: Callable[[Callable], torch.Tensor],
+             reference: torch.Tensor) -> list[tuple[str, Callable]]:
+    """The candidates whose output (``check(fn)``: one call into a fresh output) agrees with
+    ``reference`` (a trusted path's) to ``AGREE_TOL`` of its largest magnitude. Why: a launch shape
+    can compile and run yet sum wrongly (run 10: one W4 per-channel 8-warp shape of the tensor-core
+    GEMM did), and the fastest wrong kernel would otherwise be kept for the life of the process.
+    Rejected names go to ``rejected()``; a candidate that fails to run is left to the timer."""
+    ref = reference.float()
+    bound = AGREE_TOL * float(ref.abs().max()) + 1e-6
+    keep = []
+    for name, fn in cands:
+        try:
+            y = check(fn)
+        except Exception:  # does not compile or fit: the timer skips it
+            keep.append((name, fn))
+            continue
+        err = float((y.float() - ref).abs().max()) if y.shape == ref.shape else float("inf")
+        if err == err and err <= bound:  # NaN never agrees
+            keep.append((name, fn))
+        else:
+            _REJECTED.setdefault(key, []).append((name, err))
+            warnings.warn(f"kernels: {name} disagrees with the reference for {key} (max error {err:.3g}, "
+                          f"bound {bound:.3g}); not used", RuntimeWarning, stacklevel=3)
+    return keep
+
+
+def rejected() -> dict[tuple, list[tuple[str, float]]]:
+    """Candidates ``agreeing`` dropped, per key, with their max error."""
+    return dict(_REJECTED)
+
+
 def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
-         timer: Callable[[list, tuple], list[tuple[str, float]]] = time_candidates) -> Callable | None:
+         timer: Callable[[list, tuple], list[tuple[str, float]]] = time_candidates,
+         check: Callable[[Callable], torch.Tensor] | None = None,
+         reference: Callable[[], torch.Tensor] | None = None) -> Callable | None:
     """The cached winner for ``key``, else time each ``fn(*args)`` of ``cands`` and cache the fastest
-    (None if none ran). Candidates must not depend on the particular tensors of this call."""
+    (None if none ran). Candidates must not depend on the particular tensors of this call. With
+    ``check`` and ``reference``, only candidates that agree with the reference are timed (``agreeing``)."""
     if key in _BEST:
         _LAST[0] = _NAME[key]
         return _BEST[key]
@@ -107,6 +146,8 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
                            "run one eager forward with the same shapes before capturing")
     from . import pdl
 
+    if check is not None and reference is not None:
+        cands = agreeing(key, cands, check, reference())
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     behind_pdl = (dev is not None and pdl.active(dev) and timer is time_candidates
                   and os.environ.get("VLMQ_AUTOTUNE_PDL", "1") != "0")

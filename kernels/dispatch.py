@@ -289,6 +289,16 @@ def gemm_dequant(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = 
     return torch.nn.functional.linear(x2, dequantize(pw, x.dtype), bias)
 
 
+def _w4a8_reference(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A8's product by torch (per-token int8 x times the dequantized weight, fp32): the autotuner's
+    agreement reference for the int8 tensor-core candidates."""
+    from .reference import quantize_act_int8
+
+    q, s = quantize_act_int8(x)
+    y = torch.nn.functional.linear(q.float() * s, dequantize(pw, x.dtype).float())
+    return y if bias is None else y + bias.float()
+
+
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 codes and fp32 scales of ``x`` [M, K] (one pass per row)."""
     from .w4a8 import quant_act_kernel
@@ -326,7 +336,8 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
                                         trans=tr, evict=m <= 64, waves=4)))
                      for f in ((True, False) if m <= 16 else (False,))
                      for bn, tr in (((64, True), (128, True)) if m <= 64 else ((128, False), (128, True)))]
-            fn = autotune.pick(key, cands, (x, pw, bias))
+            fn = autotune.pick(key, cands, (x, pw, bias), check=lambda f: f(x, pw, bias),
+                               reference=lambda: _w4a8_reference(x, pw, bias))
             if fn is not None:
                 return fn(x, pw, bias)
     x, out, _, b = _common(x, pw, bias, out)
@@ -423,6 +434,16 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
     return c
 
 
+def _fresh_call(args: tuple, acc: bool):
+    """A candidate's output on ``args`` for the autotuner's agreement check: accumulating candidates
+    add into a fresh zeroed buffer (the timing one keeps growing)."""
+    def run(fn):
+        if acc:
+            return fn(*args[:3], torch.zeros_like(args[3]))
+        return fn(*args)
+    return run
+
+
 def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, glu: int = 0,
            acc_out: torch.Tensor | None = None) -> torch.Tensor:
     """The dispatcher. On CUDA the first call of each (scheme, M bucket, N, K) times a few
@@ -444,7 +465,8 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None, 
                pw.in_features, x.device.index, glu, acc, pdl_mode(x.device))
         # timed on a scratch accumulator: the candidates' many calls must not add into the caller's
         timing = (x, pw, bias, torch.zeros_like(acc_out)) if acc and not autotune.decided(key) else args
-        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc, gemm_h2_applies(x, pw)), timing)
+        fn = autotune.pick(key, _candidates(pw.bits, m, h2_applies(x, pw), glu, acc, gemm_h2_applies(x, pw)), timing,
+                           check=_fresh_call(timing, acc), reference=lambda: _glu_after(gemm_dequant(x, pw, bias), glu))
         if fn is not None:
             return fn(*args)
     if m <= GEMV_MAX_M:

@@ -82,6 +82,32 @@ def test_autotune_picks_fastest_and_caches():
     assert autotune.pick(("test", 2), cands, (0,), timer=lambda cs, a: []) is None
 
 
+def test_autotune_times_only_candidates_that_agree_with_the_reference():
+    """A candidate that runs but sums wrongly (or gives NaN, or the wrong shape) is dropped before
+    timing, however fast; one that fails to run is left to the timer; the rejections are recorded."""
+    import warnings
+
+    from kernels import autotune
+
+    ref = torch.linspace(-3, 5, 12).reshape(3, 4)
+    outs = {"good": ref + 1e-3, "wrong": ref * 1.5, "nan": ref * float("nan"), "shape": ref[:2], "close": ref - 0.05}
+    cands = [(n, (lambda v: lambda a: v)(v)) for n, v in outs.items()] + [("broken", lambda a: 1 / 0)]
+    timed = []
+
+    def timer(cs, args):
+        timed.extend(n for n, _ in cs)
+        return [(n, {"wrong": 0.1, "nan": 0.2, "shape": 0.3, "close": 0.5, "good": 1.0}.get(n, 9.0)) for n, _ in cs]
+
+    key = ("test-agree", 1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn = autotune.pick(key, cands, (0,), timer=timer, check=lambda f: f(0), reference=lambda: ref)
+    assert timed == ["good", "close", "broken"]  # 0.05 is inside 2% of max |ref| = 5 (0.1); x1.5 is not
+    assert fn(0) is outs["close"]
+    assert sorted(n for n, _ in autotune.rejected()[key]) == ["nan", "shape", "wrong"]
+    assert sum("disagrees" in str(x.message) for x in w) == 3
+
+
 def test_fp32_activations_run_in_16_bit(gen, device):
     qw = random_qweight(24, 64, 4, 32, False, torch.float16, gen)
     lin = QuantLinear.from_quantized(qw, None).to(device)
@@ -107,3 +133,71 @@ def test_autotune_second_look_averages_the_top_three():
     assert seen == [["a", "b", "c"]]
     assert got == {"a": 1.2, "b": 1.05, "c": 1.2, "d": 2.0}
     assert min(got, key=got.get) == "b"
+
+
+@pytest.mark.parametrize("mode", ["plain", "acc", "glu"])
+def test_dispatcher_autotune_drops_a_wrong_candidate(mode, gen, device, monkeypatch):
+    """matmul's autotuning path (forced on, timer faked) checks every candidate against dequantize +
+    torch in a fresh output: a wrong candidate that would be the fastest is dropped, accumulating
+    candidates are checked on a zeroed buffer (the timing one keeps growing), silu-mul ones after it."""
+    from kernels import autotune, dispatch
+    from kernels.layout import pack
+
+    n, k, m, glu = 64, 128, 3, (32 if mode == "glu" else 0)
+    qw = random_qweight(n, k, 4, 64, False, torch.float16, gen)
+    pw = pack(qw, device=device)
+    x = random_x(m, k, torch.float16, gen, device) / 4
+    real = dispatch._candidates
+
+    def cands(*a, **kw):
+        good = real(*a, **kw)[:2]
+        if mode == "acc":
+            bad = lambda x_, pw_, b_, o: o.add_(2 * dispatch.gemm_dequant(x_, pw_, b_))  # noqa: E731
+        else:
+            bad = lambda x_, pw_, b_: dispatch._glu_after(2 * dispatch.gemm_dequant(x_, pw_, b_), glu)  # noqa: E731
+        return good + [("wrong", bad)]
+
+    def timer(cs, args):
+        for _, fn in cs:  # run each as the real timer would, twice (accumulating into the timing buffer)
+            fn(*args), fn(*args)
+        return [(name, 0.1 if name == "wrong" else 1.0 + i) for i, (name, _) in enumerate(cs)]
+
+    real_pick = autotune.pick
+    monkeypatch.setattr(dispatch, "_candidates", cands)
+    monkeypatch.setattr(autotune, "enabled", lambda x_: True)
+    monkeypatch.setattr(autotune, "pick", lambda *a, **kw: real_pick(*a, timer=timer, **kw))
+    acc = torch.zeros(m, n, dtype=torch.float32, device=device) if mode == "acc" else None
+    with pytest.warns(RuntimeWarning, match="wrong disagrees"):
+        y = dispatch.matmul(x, pw, glu=glu, acc_out=acc)
+    want = dispatch._glu_after(dispatch.gemm_dequant(x, pw), glu)
+    assert torch.allclose(y.float(), want.float(), atol=2e-2, rtol=2e-2)
+    key = next(k for k in autotune.chosen() if k[0] == "a16" and k[6] == n and k[9] == glu and k[10] == (acc is not None))
+    assert [nm for nm, _ in autotune.rejected()[key]] == ["wrong"]  # the two real ones agreed
+    assert autotune.chosen()[key] != "wrong"
+
+
+def test_w4a8_autotune_reference_agrees_with_its_kernels(gen, device, monkeypatch):
+    """The W4A8 agreement reference (per-token int8 x by torch) accepts every real int8 candidate
+    (fused and not) and rejects a wrong one: a wrong reference would silently untune W4A8."""
+    from kernels import autotune, dispatch
+    from kernels.layout import pack
+
+    n, k, m = 64, 128, 3
+    qw = random_qweight(n, k, 4, None, True, torch.float16, gen)
+    pw = pack(qw, device=device)
+    x = random_x(m, k, torch.float16, gen, device)
+    real_pick = autotune.pick
+
+    def pick(key, cands, args, **kw):
+        cands = cands + [("wrong", lambda x_, pw_, b_: 2 * dispatch.gemm_dequant(x_, pw_, b_))]
+        return real_pick(key, cands, args, timer=lambda cs, a: [(nm, 0.1 if nm == "wrong" else 1.0) for nm, _ in cs],
+                         **kw)
+
+    monkeypatch.setattr(autotune, "enabled", lambda x_: True)
+    monkeypatch.setattr(autotune, "pick", pick)
+    with pytest.warns(RuntimeWarning, match="wrong disagrees"):
+        y = dispatch.w4a8(x, pw)
+    key = next(kk for kk in autotune.chosen() if kk[0] == "w4a8" and kk[4] == n)
+    assert [nm for nm, _ in autotune.rejected()[key]] == ["wrong"]
+    want = dispatch._w4a8_reference(x, pw, None)
+    assert torch.allclose(y.float(), want, atol=1e-2, rtol=1e-2)
