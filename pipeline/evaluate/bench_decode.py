@@ -364,6 +364,10 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
             g.replay()
         model.pos.fill_(context)
         torch.cuda.synchronize()
+        # peak from here: what decoding holds (weights, cache, workspaces, the graph's pool), not the
+        # construction of random packed weights nor the autotuner's first calls (run 9-10: 16-20 GB
+        # for the +head rows, all of it the packing of a random 152k x 3584 head)
+        torch.cuda.reset_peak_memory_stats()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(steps):
@@ -394,7 +398,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
              f"{meta['transformers']}; {meta['date']}; model {meta['model']}; context {meta['context']}, "
              f"{meta['steps']} steps; programmatic dependent launch "
-             f"{('on, ' + meta.get('pdl_trigger', 'late') + ' release') if meta.get('pdl') else 'off'}.", "",
+             f"{('on, ' + meta.get('pdl_trigger', 'late') + ' release') if meta.get('pdl') else 'off'}. "
+             "Peak GB: memory held while decoding (weights, KV cache, workspaces, graph pool), after warm-up.", "",
              "| variant | batch | ms / step | tokens/s | x fp16 | weights GB | peak GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
