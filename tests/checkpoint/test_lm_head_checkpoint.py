@@ -34,12 +34,17 @@ def test_layout_validate_and_loaders(head_ckpt, sample_inputs):
     assert "lm_head" not in q["ignore"] and q["config_groups"]["group_0"]["targets"] == ["Linear"]
     layout = check_layout(ckpt)
     assert layout.status == "pass" and layout.numbers["quantized_linears"] == len(qws) == 15
+    _validates_and_loads(ckpt, qws, ref, sample_inputs)
+
+
+def _validates_and_loads(ckpt, qws, ref, sample_inputs):
+    """validate passes; our loader reproduces the reference logits exactly (the head dequantized as
+    packed); transformers' compressed-tensors integration decompresses the packed head too."""
     assert validate_checkpoint(ckpt).ok
     ours = load_quantized_model(ckpt, dtype=torch.float32)
     assert torch.equal(ours.lm_head.weight, qws["lm_head"].dequantize(torch.float32))
     for got, want in zip(logits_of(ours, sample_inputs), ref):
         assert torch.equal(got, want)
-    # transformers' compressed-tensors integration decompresses the packed head too
     from transformers import LlavaForConditionalGeneration
 
     tf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
@@ -82,13 +87,4 @@ def test_head_with_its_own_scheme(tmp_path, source, adapter, sample_inputs):
     by_target = {tuple(g["targets"]): g["weights"] for g in groups.values()}
     assert by_target[("lm_head",)]["num_bits"] == 8 and by_target[("lm_head",)]["strategy"] == "channel"
     assert len(by_target) == 2 and sorted(len(t) for t in by_target) == [1, 14]
-    assert validate_checkpoint(ckpt).ok
-    ours = load_quantized_model(ckpt, dtype=torch.float32)
-    assert torch.equal(ours.lm_head.weight, qws["lm_head"].dequantize(torch.float32))
-    for got, want in zip(logits_of(ours, sample_inputs), ref):
-        assert torch.equal(got, want)
-    from transformers import LlavaForConditionalGeneration
-
-    tf = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
-    for got, want in zip(logits_of(tf, sample_inputs), ref):
-        assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    _validates_and_loads(ckpt, qws, ref, sample_inputs)
