@@ -169,8 +169,10 @@ def test_dispatcher_autotune_drops_a_wrong_candidate(mode, gen, device, monkeypa
     acc = torch.zeros(m, n, dtype=torch.float32, device=device) if mode == "acc" else None
     with pytest.warns(RuntimeWarning, match="wrong disagrees"):
         y = dispatch.matmul(x, pw, glu=glu, acc_out=acc)
-    want = dispatch._glu_after(dispatch.gemm_dequant(x, pw), glu)
-    assert torch.allclose(y.float(), want.float(), atol=2e-2, rtol=2e-2)
+    want = dispatch._glu_after(dispatch.gemm_dequant(x, pw), glu).float()
+    # the autotuner's own yardstick (2% of max|ref|): silu(g)*u multiplies two fp16 sums, so an
+    # elementwise rtol fails on products near zero; the wrong candidate is off by ~max|ref| anyway
+    assert (y.float() - want).abs().max() <= autotune.AGREE_TOL * want.abs().max()
     key = next(k for k in autotune.chosen() if k[0] == "a16" and k[6] == n and k[9] == glu and k[10] == (acc is not None))
     assert [nm for nm, _ in autotune.rejected()[key]] == ["wrong"]  # the two real ones agreed
     assert autotune.chosen()[key] != "wrong"
