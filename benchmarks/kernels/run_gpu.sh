@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests sweep sweeptc sweeppf sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeppf sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,6 +17,9 @@ for s in $STAGES; do
     tests)
       stamp tests
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/kernels/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.log" ;;
+    repro)  # run 11: the NaN the agreement check caught in "gemm trans BM256" (split-K bookkeeping?)
+      stamp repro
+      timeout 200 python3 benchmarks/kernels/repro_splitk.py 2>&1 | grep -v Warning | tee "$OUT/repro.log" ;;
     sweep)
       stamp sweep
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

@@ -29,3 +29,20 @@ def gen() -> torch.Generator:
     g.manual_seed(seed)
     print(f"seed={seed}")
     return g
+
+
+@pytest.fixture(autouse=True)
+def workspace_left_clean():
+    """Every split-K launch must leave the shared partial sums and tile counters zeroed: a counter
+    left at 1 makes the next kernel using that tile finish early (partial sums) or never (an
+    unwritten output), so a miscounted ``expected`` anywhere corrupts a later, innocent layer."""
+    yield
+    from kernels import dispatch
+
+    if GPU:
+        torch.cuda.synchronize()
+    for (pool, *_), (ws, cnt) in dispatch._WS.items():
+        nz_c, nz_w = int(torch.count_nonzero(cnt)), int(torch.count_nonzero(ws))
+        if nz_c or nz_w:
+            cnt.zero_(), ws.zero_()  # one failure, not a cascade
+            pytest.fail(f"{pool} workspace left dirty: {nz_c} counters, {nz_w} partial sums nonzero")
