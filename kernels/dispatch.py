@@ -218,6 +218,13 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
     return out
 
 
+# Run 11 (H100, Triton 3.6): the transposed GEMM with a 256x128 tile (8 warps, BK 64) and split-K gave
+# NaN or wrong sums on every launch (W4 g128, W2 g64; split 1, BM 128 with split-K, the untransposed
+# 256x128 tile and BK 32 were all exact; the workspace was left clean). Not isolated further (the
+# epilogue is the same code for every tile size): such tiles run unsplit.
+_TRANS_SPLIT_MAX = 128 * 128
+
+
 def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, cfg: GemmConfig | None = None, accumulate: bool = False,
          glu: int = 0) -> torch.Tensor:
@@ -247,6 +254,12 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     tiles = -(-m // cfg.BM) * -(-n // cfg.BN)
     iters = pw.k_pad // bk
     want = cfg.split if cfg.split is not None else (None if tiles < sm_count(x.device) else 1)
+    if cfg.trans and cfg.BM * cfg.BN > _TRANS_SPLIT_MAX:
+        if cfg.split not in (None, 1):
+            raise ValueError(f"GemmConfig(trans=True, BM={cfg.BM}, BN={cfg.BN}, split={cfg.split}): split-K sums of a "
+                             f"transposed tile over {_TRANS_SPLIT_MAX} elements come out wrong on sm_90 (run 11); "
+                             "use split=1 or BM*BN <= 16384")
+        want = 1
     split, per = _split(tiles, iters, want, sm_count(x.device), cfg.waves)
     ws, cnt = workspace(x.device, m * n, tiles) if split > 1 else (out, out)
     per_channel = pw.group_size is None

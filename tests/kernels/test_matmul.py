@@ -206,3 +206,16 @@ def test_dequantize_bit_exact(bits, group, sym, gen, device):
     assert torch.equal(w.cpu(), weight_f64(qw).half())
     with pytest.raises(ValueError, match="multiple of 64"):  # a 64-row program must not straddle two tiles
         dequantize(pack(qw, tile=32, device=device))
+
+
+def test_large_transposed_tile_refuses_split_k(gen, device):
+    """Run 11: the transposed 256x128 tile's split-K sums were NaN on the H100; asked for, it is a
+    clear error; left to dispatch, it runs unsplit (and is exact)."""
+    qw = random_qweight(100, 256, 4, 128, False, torch.float16, gen)
+    pw = pack(qw, device=device)
+    x = random_x(5, 256, torch.float16, gen, device)
+    with pytest.raises(ValueError, match="split=1"):
+        gemm(x, pw, cfg=GemmConfig(BM=256, BN=128, BK=64, num_warps=8, trans=True, split=2))
+    y = gemm(x, pw, out=torch.full((5, 100), float("nan"), dtype=torch.float16, device=device),
+             cfg=GemmConfig(BM=256, BN=128, BK=64, num_warps=8, trans=True))
+    assert_matches(y, linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16, slack=3.0)
