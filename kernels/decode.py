@@ -64,35 +64,6 @@ def decode_rows(w0, w1, w2, j, magic, BITS: tl.constexpr, OFFSET: tl.constexpr):
     return _exact_from_field(field, pos, magic, OFFSET)
 
 
-# PTX: thread t < $4 of the program asks for the $3 bytes at $1 + t * $5 to be brought into L2, when $2 != 0
-_L2_ROWS: tl.constexpr = tl.constexpr("""{
-.reg .pred p, q;
-.reg .u32 t;
-.reg .u64 a;
-mov.u32 t, %tid.x;
-setp.lt.u32 p, t, $4;
-setp.ne.and.u32 q, $2, 0, p;
-mad.wide.u32 a, t, $5, $1;
-@q cp.async.bulk.prefetch.L2.global [a], $3;
-mov.u32 $0, 0;
-}""")
-
-
-@triton.jit
-def l2_prefetch(p, rows: tl.constexpr, row_bytes: tl.constexpr, stride_bytes: tl.constexpr, ok):
-    """Ask for ``rows`` rows of ``row_bytes`` (multiples of 16, 16-byte aligned), ``stride_bytes`` apart from
-    ``p``, to be brought into L2 if ``ok``: one bulk prefetch per row by one thread each, bytes in flight
-    that hold no registers. Run 10: the fp16-pair GEMM at M=16 on 8192 -> 28672 ran at the bandwidth of
-    its occupancy (448 programs for 528 slots: 61% of DRAM throughput against 65% on 28672 -> 8192,
-    stalls on long scoreboard), and loading further ahead into registers had cost programs per SM (run 9).
-    GPU only (sm_90 PTX)."""
-    a = tl.full([1], 0, tl.int64) + p.to(tl.int64, bitcast=True)
-    z = tl.full([1], 0, tl.int32)
-    tl.inline_asm_elementwise(_L2_ROWS, "=r,l,r,r,r,r", [a, z + ok.to(tl.int32), z + row_bytes, z + rows,
-                                                         z + stride_bytes],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def load_rows(wp, T: tl.constexpr, BITS: tl.constexpr, EVICT: tl.constexpr):
     """Load the word(s) of decode rows; ``wp`` points at the first word of each row."""

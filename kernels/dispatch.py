@@ -161,7 +161,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=cfg.evict and not interpreting(),
             ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
-            STREAMK=stream_k, n_tiles=n_tiles, PF=cfg.pf, num_warps=cfg.num_warps,
+            STREAMK=stream_k, n_tiles=n_tiles, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out
@@ -212,7 +212,7 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, GLU=glu, PF=cfg.pf,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, GLU=glu,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import finish, l2_prefetch, load_rows
+from .decode import finish, load_rows
 from .gemv_h2 import _TOP3, _bits, _dec3, _dec3_top, _dec4, _h, _pair, _zconst
 
 BK_H2: tl.constexpr = tl.constexpr(128)  # a W3 chunk per lane of a quad: 4 x 32 values
@@ -256,7 +256,7 @@ def gemm_h2_kernel(
     M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0, PF: tl.constexpr = 0,
+    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0,
 ):
     """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
     block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
@@ -294,16 +294,10 @@ def gemm_h2_kernel(
     # inline PTX so that they keep the fragment layout. Run 9 (NOTES.md): a tl.range cp.async ring made
     # Triton convert the decoded tile through shared memory (4.3 instead of 2.5 instructions per
     # weight), and loading 2-4 blocks ahead lost everywhere (more registers, fewer programs per SM).
-    blk = words_ptr + (n0 // T) * (rows_total * WPR * T) + (n0 % T)  # this program's columns of k-block 0
-    if PF > 0 and ASM:  # PF k-blocks beyond the one in registers asked into L2 (decode.l2_prefetch)
-        for d in tl.static_range(2, PF + 1):  # block it0 + 1 is loaded into registers at once
-            l2_prefetch(blk + (it0 + d) * (RPI * WPR * T), RPI * WPR, BN * 4, T * 4, it0 + d < it1)
     nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, it0, wbase, szbase, kb, c, BITS, SYM,
                                    PER_CHANNEL, GROUP_ROWS, T, ASM)
     for it in range(it0, it1):
         w0, w1, w2, s, z = nw0, nw1, nw2, ns, nz
-        if PF > 0 and ASM:
-            l2_prefetch(blk + (it + PF + 1) * (RPI * WPR * T), RPI * WPR, BN * 4, T * 4, it + PF + 1 < it1)
         # the last iteration re-reads its own block: harmless
         nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it + 1, it1 - 1), wbase, szbase,
                                        kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import finish, l2_prefetch, load_rows
+from .decode import finish, load_rows
 from .pdl import launch_dependents, wait_prior
 
 
@@ -351,7 +351,7 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
              T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr,
              ASM: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr,
-             FIRST: tl.constexpr, LAST: tl.constexpr, PF: tl.constexpr = 0):
+             FIRST: tl.constexpr, LAST: tl.constexpr):
     """Iterations [it0, it1) of column tile ``pid_n`` and row block ``pid_m``, then the epilogue
     (``expected`` programs add into tile ``cnt_idx``; one: a plain store)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
@@ -380,12 +380,6 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
     a0, a1, a2, a_s, a_z = _stage_w(it0, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS,
                                     T, R, EVICT)
-    # PF > 0: the words of iteration it + DEPTH + PF asked into L2 at iteration it, the ones before the
-    # loop's first request here
-    blk = words_ptr + (n0 // T) * (rows_total * WPR * T) + (n0 % T)  # this program's columns of iteration 0
-    if PF > 0 and ASM:
-        for d in tl.static_range(DEPTH + 1, DEPTH + PF):
-            l2_prefetch(blk + (it0 + d) * (R * WPR * T), R * WPR, BN * 4, T * 4, it0 + d < it1)
     if PDL == 2 and FIRST:
         launch_dependents()
     if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
@@ -401,8 +395,6 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
         w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
                                                             a_s, a_z)
         # the last iterations re-read their own tile: harmless
-        if PF > 0 and ASM:
-            l2_prefetch(blk + (it + DEPTH + PF) * (R * WPR * T), R * WPR, BN * 4, T * 4, it + DEPTH + PF < it1)
         if DEPTH == 2:
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = (b0, b1, b2, bq0, bq1, bq2, bq3, bq4,
                                                                             bq5, bq6, bq7, b_s, b_z)
@@ -437,7 +429,7 @@ def gemv_h2_kernel(
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
     DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
-    STREAMK: tl.constexpr = False, n_tiles=1, PF: tl.constexpr = 0,
+    STREAMK: tl.constexpr = False, n_tiles=1,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -468,7 +460,7 @@ def gemv_h2_kernel(
                      x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
                      BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
-                     PDL, GLU, ACC, False, False, PF)
+                     PDL, GLU, ACC, False, False)
             u += it1 - it0
         if PDL == 1:
             launch_dependents()
@@ -480,5 +472,5 @@ def gemv_h2_kernel(
                  x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
                  BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
-                 PDL, GLU, ACC, True, True, PF)
+                 PDL, GLU, ACC, True, True)
 

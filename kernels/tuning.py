@@ -29,7 +29,6 @@ class GemvConfig:
     asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
     depth: int = 1  # h2: iterations loaded ahead (1 or 2; 2 doubles the bytes in flight and the registers)
     stream_k: bool = False  # h2: waves x SMs programs share the (tile, iteration) units evenly (one wave)
-    pf: int = 0  # h2: iterations asked into L2 ahead of the register loads (bytes in flight, no registers)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""
@@ -53,7 +52,6 @@ class GemmConfig:
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)
     maxnreg: int | None = None  # register cap per thread (fp16-pair GEMM)
-    pf: int = 0  # fp16-pair GEMM: k-blocks prefetched into L2 ahead of the register loads (bytes in flight, no registers)
 
 
 def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:

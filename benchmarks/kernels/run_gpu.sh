@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeppf sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,11 +28,6 @@ for s in $STAGES; do
       stamp sweeptc
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
         --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
-    sweeppf)  # run 10: L2 prefetch ahead (pf) in the fp16-pair GEMV (M=1) and GEMM (M=16), next to the configs without it
-      stamp sweeppf
-      timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only "h2 BN64 R16 w4 x8" "h2 BN128 R4 w4 x6" split3 pf \
-        "tc-h2 BM16 BN128 w4 x4 r128" --shapes 8192x28672 28672x8192 --m 1 16 --bits 4 3 --reps 15 --out "$OUT/sweeppf" 2>&1 \
-        | grep -v Warning | tee "$OUT/sweeppf.log" | tail -80 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

@@ -94,11 +94,6 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 out.append((f"h2 BN{bn} R{r} w4 sk{wv}{f' r{mr}' if mr else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4, "waves": wv, "h2": True,
                              "stream_k": True, "maxnreg": mr}))
-            for bn, r, wv, pf in (((64, 16, 8, 1), (64, 16, 8, 2), (64, 16, 8, 4), (64, 16, 6, 2), (128, 16, 4, 2))
-                                  if bits == 4 else ((128, 4, 6, 1), (128, 4, 6, 2), (128, 4, 6, 4), (64, 4, 8, 2),
-                                                     (128, 4, 4, 2))):  # run 10: L2 prefetch ahead
-                out.append((f"h2 BN{bn} R{r} w4 x{wv} pf{pf}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
-                                                               "waves": wv, "h2": True, "pf": pf}))
             if bits == 3:  # run 8: W3 BN128 R4 with 3 k-splits beat the waves-derived 4; scan the split itself
                 for bn, r, sp in [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 4, 6), (128, 4, 8),
                                   (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:
@@ -106,12 +101,11 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                                                  "split": sp, "h2": True}))
     if 2 <= m <= 64 and bits in (3, 4):  # the fp16-pair tensor-core GEMM (gemm_h2.py)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        for bn, w, waves, mr, pf in [(128, 4, 4, 128, 0), (128, 4, 4, 128, 1), (128, 4, 4, 128, 2), (128, 4, 4, 128, 4),
-                                     (128, 4, 3, None, 2), (64, 4, 6, None, 0), (64, 4, 6, None, 2), (64, 4, 4, None, 0),
-                                     (128, 4, 3, None, 0), (128, 4, 2, 128, 0), (128, 4, 2, 128, 2)]:
-            out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}{f' pf{pf}' if pf else ''}",
+        for bn, w, waves, mr in [(128, 4, 4, 128), (128, 4, 4, None), (64, 4, 6, None), (64, 4, 4, None),
+                                 (128, 4, 3, None), (128, 4, 2, 128), (256, 8, 2, 128), (128, 8, 3, None)]:
+            out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr,
-                         "num_warps": w, "pf": pf}))
+                         "num_warps": w}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64
