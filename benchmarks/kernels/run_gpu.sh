@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -52,6 +52,9 @@ for s in $STAGES; do
       stamp benchsmall
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --m 1 4 16 --reps 15 --out "$OUT/bench" 2>&1 \
         | grep -v Warning | tee "$OUT/bench.log" | tail -5 ;;
+    chunked)  # run 11: large M as column chunks through one L2-sized scratch weight
+      stamp chunked
+      timeout 200 python3 benchmarks/kernels/time_chunked.py 2>&1 | grep -v Warning | tee "$OUT/chunked.log" ;;
     dequant)
       stamp dequant
       timeout 90 python3 benchmarks/kernels/time_dequant.py 2>&1 | grep -v Warning | tee "$OUT/dequant.log" ;;
