@@ -219,3 +219,18 @@ def test_large_transposed_tile_refuses_split_k(gen, device):
     y = gemm(x, pw, out=torch.full((5, 100), float("nan"), dtype=torch.float16, device=device),
              cfg=GemmConfig(BM=256, BN=128, BK=64, num_warps=8, trans=True))
     assert_matches(y, linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16, slack=3.0)
+
+
+def test_dequantize_into_a_given_buffer(gen, device):
+    """``dequantize(out=)`` (a reused scratch weight) writes the same values as a fresh one, and a
+    buffer of the wrong shape is refused before the launch."""
+    from kernels.dispatch import dequantize
+
+    qw = random_qweight(128, 256, 3, 128, False, torch.float16, gen)
+    pw = pack(qw, device=device)
+    buf = torch.full((128, 256), float("nan"), dtype=torch.float16, device=device)
+    assert dequantize(pw, out=buf) is buf
+    assert torch.equal(buf, dequantize(pw))
+    assert torch.allclose(buf.double().cpu(), weight_f64(qw), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"\[128, 256\]"):
+        dequantize(pw, out=torch.empty(256, 128, dtype=torch.float16, device=device))
