@@ -67,3 +67,21 @@ def test_decode_profile_summary_by_hand():
     assert (top["grid"], top["us_per_step"], top["calls_per_step"]) == ("592x2x1", 15.0, 0.5)
     assert {(r["grid"], r["us_per_step"]) for r in s["rows"][1:]} == {("72x11x1", 10.0), ("1x1x1", 1.5)}
     assert summarize_kernels([], 1) == {}
+
+
+def test_interleaved_timing_gives_every_case_the_same_drift():
+    """A GPU that slows as it heats (a clock that adds 1 µs per replay): timed one case after the
+    other, the second looks 8 µs slower; round-robin, the two identical cases come out 1 µs apart."""
+    from pipeline.evaluate.bench_kernels import time_interleaved
+
+    clock = {"t": 100.0}
+
+    def case():
+        clock["t"] += 1.0
+        return clock["t"]
+
+    a, b = time_interleaved([case, case], reps=9)
+    assert (a, b) == (109.0, 110.0)  # medians of 101, 103, ... 117 and 102, 104, ... 118
+    clock["t"] = 100.0
+    seq = [time_interleaved([case], reps=9)[0] for _ in range(2)]
+    assert seq == [105.0, 114.0]  # what timing them in turn would report
