@@ -14,6 +14,7 @@ from .tuning import (DEQUANT_MIN_M, GEMV_MAX_M, GemmConfig, GemvConfig, gemm_con
                      gemv_h2_config)
 
 _WS: dict[tuple[str, str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown workspaces: captured graphs may still use them
 
 
 def interpreting() -> bool:
@@ -27,7 +28,10 @@ def workspace(device: torch.device, n_floats: int, n_counters: int,
     The split-K epilogue leaves both zeroed again, so one buffer serves every launch in stream
     order (``pool`` keeps users with other layouts apart: the decode attention's partials). It only
     grows; growing while a CUDA graph is being captured would break the graph, so that is refused
-    (run one eager call at the largest M first).
+    (run one eager call at the largest M first). An outgrown buffer is kept, not freed: a graph
+    captured before the growth (say at batch 1, before an eager call at batch 8) still points at
+    it, and freed memory under a replay is an illegal address or another tensor's data. Growth at
+    least doubles, so the kept buffers never exceed the live one.
     """
     key = (pool, device.type, device.index)
     ws, cnt = _WS.get(key, (None, None))
@@ -35,8 +39,10 @@ def workspace(device: torch.device, n_floats: int, n_counters: int,
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"kernels: {pool} workspace must grow during CUDA graph capture; "
                                "run one eager forward at the largest batch before capturing")
-        nf = max(n_floats, 0 if ws is None else ws.numel(), 1 << 16)
-        nc = max(n_counters, 0 if cnt is None else cnt.numel(), 1 << 12)
+        if ws is not None:
+            _RETIRED.append((ws, cnt))
+        nf = max(n_floats, 0 if ws is None else 2 * ws.numel(), 1 << 16)
+        nc = max(n_counters, 0 if cnt is None else 2 * cnt.numel(), 1 << 12)
         ws = torch.zeros(nf, dtype=torch.float32, device=device)
         cnt = torch.zeros(nc, dtype=torch.int32, device=device)
         _WS[key] = (ws, cnt)

@@ -222,6 +222,9 @@ def make_fn(c: Case, device, seed: int = 0):
 # ----------------------------------------------------------------------------- timing
 
 
+_CAPTURE_STREAM = None
+
+
 def capture(fn, calls: int):
     """Warm ``fn`` up and capture ``calls`` calls of it in one CUDA graph; returns a function that
     replays the graph once and gives microseconds per call (it holds the graph).
@@ -242,7 +245,11 @@ def capture(fn, calls: int):
         fn(i)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
+    global _CAPTURE_STREAM
+    if _CAPTURE_STREAM is None:  # one side stream for every capture: graphs outlive each other here, and
+        # per-stream state (cuBLAS's workspace) set up on a stream freed since must not be reused
+        _CAPTURE_STREAM = torch.cuda.Stream()
+    s = _CAPTURE_STREAM
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         with torch.cuda.graph(g):

@@ -234,3 +234,25 @@ def test_dequantize_into_a_given_buffer(gen, device):
     assert torch.allclose(buf.double().cpu(), weight_f64(qw), atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match=r"\[128, 256\]"):
         dequantize(pw, out=torch.empty(256, 128, dtype=torch.float16, device=device))
+
+
+def test_outgrown_workspace_stays_allocated():
+    """A graph captured at a small batch keeps the split-K workspace it saw: growing it for a larger
+    batch must not free that memory (the replay would read freed memory)."""
+    import weakref
+
+    from kernels import dispatch
+
+    dev = torch.device("cpu")
+    key = ("test-pool", "cpu", None)
+    dispatch._WS.pop(key, None)
+    small, _ = dispatch.workspace(dev, 10, 4, pool="test-pool")
+    ref = weakref.ref(small)
+    big, _ = dispatch.workspace(dev, small.numel() + 1, 4, pool="test-pool")
+    assert big.numel() >= 2 * small.numel()
+    del small
+    assert ref() is not None  # still held for the graphs captured before the growth
+    again, _ = dispatch.workspace(dev, 10, 4, pool="test-pool")
+    assert again is big  # smaller requests reuse the live buffer
+    dispatch._WS.pop(key)
+    dispatch._RETIRED[:] = [p for p in dispatch._RETIRED if p[0] is not ref()]
