@@ -440,7 +440,8 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         # every shape but two W4 decode layers (BN64 x6); 8 warps, stream-K and deeper prefetch lost
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' r{r}' if r else ''}", gm(BM=bm, BN=bn, h2=True, waves=wv, maxnreg=r))
-              for bn, wv, r in ((128, 4, 128), (64, 6, None), (64, 4, None), (128, 3, None), (128, 2, 128))]
+              for bn, wv, r in ((128, 4, 128), (64, 6, None), (64, 4, None), (128, 3, None), (128, 2, 128),
+                                (128, 8, 128), (128, 12, 128))]  # x8 / x12: 2-3 waves of k-splits (run 11, untimed)
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

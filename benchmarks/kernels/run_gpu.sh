@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,6 +28,11 @@ for s in $STAGES; do
       stamp sweeptc
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
         --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweeptc" 2>&1 | grep -v Warning | tee "$OUT/sweeptc.log" | tail -80 ;;
+    sweepwaves)  # run 11 (untimed): the M=16 fp16-pair GEMM in 2-3 waves of k-splits (x8/x12/x16) next to one wave (x4)
+      stamp sweepwaves
+      timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x4 r128" "x8 r128" "x12 r128" "x16 r128" \
+        --shapes 8192x28672 28672x8192 8192x8192 --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweepwaves" 2>&1 | grep -v Warning \
+        | tee "$OUT/sweepwaves.log" | tail -60 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \
