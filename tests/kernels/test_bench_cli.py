@@ -85,3 +85,21 @@ def test_interleaved_timing_gives_every_case_the_same_drift():
     clock["t"] = 100.0
     seq = [time_interleaved([case], reps=9)[0] for _ in range(2)]
     assert seq == [105.0, 114.0]  # what timing them in turn would report
+
+
+def test_quick_run_pairs_every_row_with_its_own_groups_cublas(tmp_path):
+    """The script end to end on the interpreter (`--quick`): one row per case, and each ratio is the
+    cuBLAS row of the same (shape, M) over the row's own time -- the grouping that interleaves them
+    must not hand a row another group's baseline."""
+    import json
+
+    from pipeline.evaluate import bench_kernels
+
+    assert bench_kernels.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert sorted((r["m"], r["impl"], r["bits"]) for r in rows) == sorted(
+        (m, impl, b) for m in (1, 3, 20) for impl, b in (("cublas", 16), ("ours", 4), ("ours", 3)))
+    base = {(r["k"], r["n"], r["m"]): r["us"] for r in rows if r["impl"] == "cublas"}
+    for r in rows:
+        assert r["speedup_vs_cublas"] == base[(r["k"], r["n"], r["m"])] / r["us"]
+    assert (tmp_path / "kernels.md").read_text().count("| 256 -> 96 |") == len(rows)
