@@ -49,6 +49,21 @@ def workspace(device: torch.device, n_floats: int, n_counters: int,
     return ws, cnt
 
 
+def dirty_workspaces(reset: bool = False) -> list[tuple[str, int, int]]:
+    """(pool, nonzero counters, nonzero partial sums) of every workspace not left zeroed, the
+    invariant every split-K launch must keep; ``reset`` zeroes them (one failure, not a cascade)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dirty = []
+    for (pool, *_), (ws, cnt) in _WS.items():
+        nz_c, nz_w = int(torch.count_nonzero(cnt)), int(torch.count_nonzero(ws))
+        if nz_c or nz_w:
+            dirty.append((pool, nz_c, nz_w))
+            if reset:
+                cnt.zero_(), ws.zero_()
+    return dirty
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -231,6 +246,19 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
 _TRANS_SPLIT_MAX = 128 * 128
 
 
+def gemm_split(cfg: GemmConfig, tiles: int, iters: int, device: torch.device) -> tuple[int, int]:
+    """(k-splits, iterations per split) of a gemm.py launch: split-K only when the tiles do not fill
+    the GPU, and never for a transposed tile over 128 x 128 (run 11, above)."""
+    want = cfg.split if cfg.split is not None else (None if tiles < sm_count(device) else 1)
+    if cfg.trans and cfg.BM * cfg.BN > _TRANS_SPLIT_MAX:
+        if cfg.split not in (None, 1):
+            raise ValueError(f"GemmConfig(trans=True, BM={cfg.BM}, BN={cfg.BN}, split={cfg.split}): split-K sums of a "
+                             f"transposed tile over {_TRANS_SPLIT_MAX} elements come out wrong on sm_90 (run 11); "
+                             "use split=1 or BM*BN <= 16384")
+        want = 1
+    return _split(tiles, iters, want, sm_count(device), cfg.waves)
+
+
 def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, cfg: GemmConfig | None = None, accumulate: bool = False,
          glu: int = 0) -> torch.Tensor:
@@ -259,14 +287,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         raise ValueError(f"GEMM BN={cfg.BN} must divide the layout tile {pw.tile}")
     tiles = -(-m // cfg.BM) * -(-n // cfg.BN)
     iters = pw.k_pad // bk
-    want = cfg.split if cfg.split is not None else (None if tiles < sm_count(x.device) else 1)
-    if cfg.trans and cfg.BM * cfg.BN > _TRANS_SPLIT_MAX:
-        if cfg.split not in (None, 1):
-            raise ValueError(f"GemmConfig(trans=True, BM={cfg.BM}, BN={cfg.BN}, split={cfg.split}): split-K sums of a "
-                             f"transposed tile over {_TRANS_SPLIT_MAX} elements come out wrong on sm_90 (run 11); "
-                             "use split=1 or BM*BN <= 16384")
-        want = 1
-    split, per = _split(tiles, iters, want, sm_count(x.device), cfg.waves)
+    split, per = gemm_split(cfg, tiles, iters, x.device)
     ws, cnt = workspace(x.device, m * n, tiles) if split > 1 else (out, out)
     per_channel = pw.group_size is None
     rb = bk // plan.values_per_row

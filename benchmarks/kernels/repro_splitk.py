@@ -49,13 +49,9 @@ def main() -> None:
                     torch.cuda.synchronize()
                     nan_runs += int(torch.isnan(y).any())
                     worst = max(worst, float(torch.nan_to_num((y - ref).abs(), nan=float("inf")).max()))
-                    for ws, cnt in dispatch._WS.values():
-                        if torch.count_nonzero(cnt) or torch.count_nonzero(ws):
-                            dirty += 1
-                            cnt.zero_(), ws.zero_()
+                    dirty += bool(dispatch.dirty_workspaces(reset=True))
                 tiles = -(-m // cfg.BM) * -(-1000 // cfg.BN)
-                split, _ = dispatch._split(tiles, pw.k_pad // cfg.BK, None if cfg.split is None else cfg.split,
-                                           dispatch.sm_count(x.device), cfg.waves)
+                split, _ = dispatch.gemm_split(cfg, tiles, pw.k_pad // cfg.BK, x.device)  # as launched (after run 11's fix)
                 verdict = "OK" if nan_runs == 0 and dirty == 0 and worst <= bound else "BAD"
                 print(f"W{bits} g{group} {str(dtype)[6:]:8s} M={m:4d} {name:36s} split={split:2d}  NaN runs {nan_runs:3d}/{a.reps}"
                       f"  dirty {dirty:3d}  worst err {worst:.3g} (bound {bound:.3g})  {verdict}", flush=True)

@@ -391,14 +391,14 @@ def run(args) -> int:
         if c.key() in bad or (cpu and c.impl == "int4mm"):
             continue
         groups.setdefault((c.k, c.n, c.m), []).append(c)
-    for (k, n, m), group in groups.items():
+    from kernels import autotune
+
+    for group in groups.values():
         live = []  # (case, replay timer, bytes, autotuner's pick)
         for c in group:
             try:
                 fn, nbytes = make_fn(c, device)
                 fn(0)  # eager: the autotuner (ours) picks its path here, before capture
-                from kernels import autotune
-
                 picked = autotune.last() if c.impl in ("ours", "w4a8") else None
                 live.append((c, capture(fn, args.calls or (20 if c.m <= 64 else 5)), nbytes, picked))
             except Exception as e:
@@ -416,8 +416,6 @@ def run(args) -> int:
         del live
         if not cpu:
             torch.cuda.empty_cache()
-    from kernels import autotune
-
     tuned = {repr(k): v for k, v in autotune.trace().items()}  # every candidate's eager time, per shape
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "errors": errs, "autotune": tuned}, f, indent=1, default=str)

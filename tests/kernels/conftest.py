@@ -39,10 +39,5 @@ def workspace_left_clean():
     yield
     from kernels import dispatch
 
-    if GPU:
-        torch.cuda.synchronize()
-    for (pool, *_), (ws, cnt) in dispatch._WS.items():
-        nz_c, nz_w = int(torch.count_nonzero(cnt)), int(torch.count_nonzero(ws))
-        if nz_c or nz_w:
-            cnt.zero_(), ws.zero_()  # one failure, not a cascade
-            pytest.fail(f"{pool} workspace left dirty: {nz_c} counters, {nz_w} partial sums nonzero")
+    for pool, nz_c, nz_w in dispatch.dirty_workspaces(reset=True):
+        pytest.fail(f"{pool} workspace left dirty: {nz_c} counters, {nz_w} partial sums nonzero")
