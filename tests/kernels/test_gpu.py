@@ -41,6 +41,12 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
                     twin = gemv(x, pw, cfg=GemvConfig(BN=bn, R=r, h2=True, depth=d, asm=False))
                     # the portable twin is the PTX up to fused vs separate fp16 multiply-add roundings
                     assert_matches(outs[f"h2-R{r}-d{d}"], twin.double().cpu(), x, w64, dtype, slack=1.0)
+                for ww in ((2, 3) if bits == 3 else ()):  # fp16 sums over 2-3 words (run 12)
+                    cfg = GemvConfig(BN=128, R=4, h2=True, w3_words=ww)
+                    outs[f"h2-w3words{ww}"] = gemv(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype,
+                                                                          device="cuda"), cfg=cfg)
+                    twin = gemv(x, pw, cfg=GemvConfig(BN=128, R=4, h2=True, w3_words=ww, asm=False))
+                    assert_matches(outs[f"h2-w3words{ww}"], twin.double().cpu(), x, w64, dtype, slack=1.0)
         outs["gemm"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                             cfg=GemmConfig(BM=64, BN=128, BK=64 if bits != 3 else 32))
         outs["dequant+cublas"] = gemm_dequant(x, pw)
@@ -155,3 +161,29 @@ def test_pdl_decode_step_equals_plain_launches(variant, gen):
         err = float((a - b).norm() / b.norm())
         assert err < 2e-3, (i, err)
     assert int(mp.pos) == int(models[False].pos) == 26
+
+
+def test_bench_capture_keeps_its_inputs_alive():
+    """A timer from ``bench_kernels.capture`` must hold what its graph reads: the bench captures a
+    whole group before replaying any, and each capture empties the allocator's cache, so a case's
+    freed inputs would be unmapped under its replay (run 12: an illegal memory access)."""
+    import gc
+    import weakref
+
+    from pipeline.evaluate.bench_kernels import capture
+
+    def make(v: float):
+        src = torch.full((1 << 24,), v, device="cuda")  # 64 MiB: its own allocator segment
+        dst = torch.empty_like(src)
+        return (lambda i: dst.copy_(src)), weakref.ref(src), dst
+
+    fn, src_ref, dst = make(3.0)
+    once = capture(fn, calls=2)
+    del fn
+    gc.collect()
+    capture(make(5.0)[0], calls=2)  # empties the cache, as the next case's capture does
+    assert src_ref() is not None, "the timer let its graph's input be freed"
+    dst.zero_()
+    assert once() > 0
+    torch.cuda.synchronize()
+    assert float(dst.min()) == float(dst.max()) == 3.0
