@@ -145,8 +145,6 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     h2 = h2_applies(x, pw) if cfg.h2 is None else cfg.h2
     if h2 and not h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
-    if cfg.w3_words not in (1, 2, 3):
-        raise ValueError(f"GemvConfig.w3_words={cfg.w3_words}: W3 sums 1, 2 or 3 words in fp16 per conversion")
     if glu and not h2:  # the portable kernel has no GLU epilogue: a second launch
         return _glu_after(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl), glu, out)
     if accumulate and not h2:  # nor an accumulating one
@@ -184,7 +182,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=cfg.evict and not interpreting(),
             ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
-            STREAMK=stream_k, n_tiles=n_tiles, W3_WORDS=cfg.w3_words if pw.bits == 3 else 1, num_warps=cfg.num_warps,
+            STREAMK=stream_k, n_tiles=n_tiles, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out
@@ -446,9 +444,6 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         sk = (((64, 8, 64), (64, 5, None)) if bits == 4 else ((128, 7, 72), (128, 6, None), (64, 8, 64), (64, 7, None)))
         c += [(f"h2 BN{bn} R{rs[0]} w4 sk{wv}{f' r{mr}' if mr else ''}",
                gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, stream_k=True, maxnreg=mr)) for bn, wv, mr in sk]
-        if bits == 3:  # fp16 sums over two words: one conversion fewer per 32 weights (run 12)
-            c += [(f"h2 BN128 R4 w4 x{wv} f16w2", gv(BN=128, R=4, num_warps=4, waves=wv, h2=True, w3_words=2))
-                  for wv in (4, 6)]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway

@@ -33,28 +33,17 @@ from .decode import finish, load_rows
 from .pdl import launch_dependents, wait_prior
 
 
-def _dot_asm(n: int, acc: bool = False, pair: bool = False) -> str:
-    """PTX: fp16-pair dot of ``n`` pairs (operands $1..$n weights, $n+1..$2n x), fp32 out ($0).
-    ``acc``: the sums start from the fp16 pair $2n+1 (an earlier word's); ``pair``: out is the fp16
-    pair itself, not yet converted (the next word goes on summing in fp16)."""
-    first = f"fma.rn.f16x2 a, $1, ${n + 1}, ${2 * n + 1};" if acc else f"mul.rn.f16x2 a, $1, ${n + 1};"
-    lines = ["{", ".reg .b32 a;", ".reg .b16 l, h;", ".reg .f32 f, g;", first]
+def _dot_asm(n: int) -> str:
+    """PTX: fp16-pair dot of ``n`` pairs (operands $1..$n weights, $n+1..$2n x), fp32 out ($0)."""
+    lines = ["{", ".reg .b32 a;", ".reg .b16 l, h;", ".reg .f32 f, g;", f"mul.rn.f16x2 a, $1, ${n + 1};"]
     lines += [f"fma.rn.f16x2 a, ${i + 1}, ${n + i + 1}, a;" for i in range(1, n)]
-    if pair:
-        lines += ["mov.b32 $0, a;", "}"]
-    else:
-        lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 f, l;", "cvt.f32.f16 g, h;", "add.f32 $0, f, g;", "}"]
+    lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 f, l;", "cvt.f32.f16 g, h;", "add.f32 $0, f, g;", "}"]
     return "\n".join(lines)
 
 
 _DOT4: tl.constexpr = tl.constexpr(_dot_asm(4))
 _DOT5: tl.constexpr = tl.constexpr(_dot_asm(5))
 _DOT6: tl.constexpr = tl.constexpr(_dot_asm(6))
-# W3 with fp16 sums over 2 or 3 words (``W3_WORDS``): the first word's pair, the next words' from it
-_DOT5_P: tl.constexpr = tl.constexpr(_dot_asm(5, pair=True))
-_DOT5_AP: tl.constexpr = tl.constexpr(_dot_asm(5, acc=True, pair=True))
-_DOT5_A: tl.constexpr = tl.constexpr(_dot_asm(5, acc=True))
-_DOT6_A: tl.constexpr = tl.constexpr(_dot_asm(6, acc=True))
 
 # W4 word -> 4 pairs (u_j - z, u_{j+4} - z), j = 0..3. $4 word, $5 (1024+z) pair, $6 -(64+z) pair.
 _DEC4: tl.constexpr = tl.constexpr("""{
@@ -170,66 +159,6 @@ def _dot(t0, t1, t2, t3, t4, t5, x0, x1, x2, x3, x4, x5, N: tl.constexpr, ASM: t
 
 
 @triton.jit
-def _dot5_pair(t0, t1, t2, t3, t4, x0, x1, x2, x3, x4, ASM: tl.constexpr):
-    """fp16 pair of sums over 5 fp16 pairs of ``t * x`` (not yet converted to fp32)."""
-    if ASM:
-        p = tl.inline_asm_elementwise(_DOT5_P, "=r,r,r,r,r,r,r,r,r,r,r", [t0, t1, t2, t3, t4, x0, x1, x2, x3, x4],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        lo = _h(t0, False) * _h(x0, False)
-        hi = _h(t0, True) * _h(x0, True)
-        lo += _h(t1, False) * _h(x1, False)
-        hi += _h(t1, True) * _h(x1, True)
-        lo += _h(t2, False) * _h(x2, False)
-        hi += _h(t2, True) * _h(x2, True)
-        lo += _h(t3, False) * _h(x3, False)
-        hi += _h(t3, True) * _h(x3, True)
-        lo += _h(t4, False) * _h(x4, False)
-        hi += _h(t4, True) * _h(x4, True)
-        p = _pair(lo, hi)
-    return p
-
-
-@triton.jit
-def _dot_from(t0, t1, t2, t3, t4, t5, x0, x1, x2, x3, x4, x5, acc, N: tl.constexpr, PAIR: tl.constexpr,
-              ASM: tl.constexpr):
-    """``_dot`` of N (5 or 6) pairs whose fp16 sums start from the pair ``acc``; PAIR: returns the
-    fp16 pair (int32), else its fp32 total."""
-    if ASM:
-        if PAIR:
-            r = tl.inline_asm_elementwise(_DOT5_AP, "=r,r,r,r,r,r,r,r,r,r,r,r",
-                                          [t0, t1, t2, t3, t4, x0, x1, x2, x3, x4, acc],
-                                          dtype=tl.int32, is_pure=True, pack=1)
-        elif N == 5:
-            r = tl.inline_asm_elementwise(_DOT5_A, "=f,r,r,r,r,r,r,r,r,r,r,r",
-                                          [t0, t1, t2, t3, t4, x0, x1, x2, x3, x4, acc],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            r = tl.inline_asm_elementwise(_DOT6_A, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                                          [t0, t1, t2, t3, t4, t5, x0, x1, x2, x3, x4, x5, acc],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        lo = _h(acc, False) + _h(t0, False) * _h(x0, False)
-        hi = _h(acc, True) + _h(t0, True) * _h(x0, True)
-        lo += _h(t1, False) * _h(x1, False)
-        hi += _h(t1, True) * _h(x1, True)
-        lo += _h(t2, False) * _h(x2, False)
-        hi += _h(t2, True) * _h(x2, True)
-        lo += _h(t3, False) * _h(x3, False)
-        hi += _h(t3, True) * _h(x3, True)
-        lo += _h(t4, False) * _h(x4, False)
-        hi += _h(t4, True) * _h(x4, True)
-        if N >= 6:
-            lo += _h(t5, False) * _h(x5, False)
-            hi += _h(t5, True) * _h(x5, True)
-        if PAIR:
-            r = _pair(lo, hi)
-        else:
-            r = lo.to(tl.float32) + hi.to(tl.float32)
-    return r
-
-
-@triton.jit
 def _dec4(w, za, zb, zf, ASM: tl.constexpr):
     """W4 word -> pairs (u_j - z, u_{j+4} - z), j = 0..3."""
     if ASM:
@@ -315,10 +244,8 @@ def _zconst(z, OFFSET: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr, like
 
 
 @triton.jit
-def _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS: tl.constexpr, ASM: tl.constexpr,
-             W3_WORDS: tl.constexpr = 1):
-    """fp32 ``sum_k x_k (u_k - z)`` of one decode row per element; ``q*``: x as int64 (4 values each).
-    W3_WORDS (W3): words whose products are summed in fp16 before one conversion to fp32 (1, 2, 3)."""
+def _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS: tl.constexpr, ASM: tl.constexpr):
+    """fp32 ``sum_k x_k (u_k - z)`` of one decode row per element; ``q*``: x as int64 (4 values each)."""
     if BITS == 4:
         p0, p1, p2, p3 = _lo(q0), _hi(q0), _lo(q1), _hi(q1)  # (x0,x1) (x2,x3) (x4,x5) (x6,x7)
         x0 = (p0 & 0xFFFF) | (p2 << 16)  # (x0, x4)
@@ -327,7 +254,7 @@ def _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS: t
         x3 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
         t0, t1, t2, t3 = _dec4(w0, za, zb, zf, ASM)
         r = _dot(t0, t1, t2, t3, t0, t0, x0, x1, x2, x3, x0, x0, 4, ASM)
-    elif W3_WORDS == 1:
+    else:
         a0, a1, a2, a3, a4 = _dec3(w0, za, zb, zc, zf, ASM)
         r = _dot(a0, a1, a2, a3, a4, a4, _lo(q0), _hi(q0), _lo(q1), _hi(q1), _lo(q2), _lo(q2), 5, ASM)
         b0, b1, b2, b3, b4 = _dec3(w1, za, zb, zc, zf, ASM)
@@ -335,21 +262,6 @@ def _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS: t
         c0, c1, c2, c3, c4 = _dec3(w2, za, zb, zc, zf, ASM)
         c5 = _dec3_top(w0, w1, w2, za, zf, ASM)
         r += _dot(c0, c1, c2, c3, c4, c5, _lo(q5), _hi(q5), _lo(q6), _hi(q6), _lo(q7), _hi(q7), 6, ASM)
-    else:  # one fp16 chain over words 0-1 (2) or 0-2 (3): one or two fewer conversions and fp32 adds
-        a0, a1, a2, a3, a4 = _dec3(w0, za, zb, zc, zf, ASM)
-        p = _dot5_pair(a0, a1, a2, a3, a4, _lo(q0), _hi(q0), _lo(q1), _hi(q1), _lo(q2), ASM)
-        b0, b1, b2, b3, b4 = _dec3(w1, za, zb, zc, zf, ASM)
-        c0, c1, c2, c3, c4 = _dec3(w2, za, zb, zc, zf, ASM)
-        c5 = _dec3_top(w0, w1, w2, za, zf, ASM)
-        if W3_WORDS == 2:
-            r = _dot_from(b0, b1, b2, b3, b4, b4, _hi(q2), _lo(q3), _hi(q3), _lo(q4), _hi(q4), _hi(q4), p, 5,
-                          False, ASM)
-            r += _dot(c0, c1, c2, c3, c4, c5, _lo(q5), _hi(q5), _lo(q6), _hi(q6), _lo(q7), _hi(q7), 6, ASM)
-        else:
-            p = _dot_from(b0, b1, b2, b3, b4, b4, _hi(q2), _lo(q3), _hi(q3), _lo(q4), _hi(q4), _hi(q4), p, 5,
-                          True, ASM)
-            r = _dot_from(c0, c1, c2, c3, c4, c5, _lo(q5), _hi(q5), _lo(q6), _hi(q6), _lo(q7), _hi(q7), p, 6,
-                          False, ASM)
     return r
 
 
@@ -439,7 +351,7 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
              T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr,
              ASM: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr,
-             FIRST: tl.constexpr, LAST: tl.constexpr, W3_WORDS: tl.constexpr):
+             FIRST: tl.constexpr, LAST: tl.constexpr):
     """Iterations [it0, it1) of column tile ``pid_n`` and row block ``pid_m``, then the epilogue
     (``expected`` programs add into tile ``cnt_idx``; one: a plain store)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
@@ -495,7 +407,7 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
         if not PER_CHANNEL:
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
-        r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM, W3_WORDS)  # [BM, R, BN]
+        r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
         if PER_CHANNEL:
             y3 += r
         else:
@@ -517,7 +429,7 @@ def gemv_h2_kernel(
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
     DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
-    STREAMK: tl.constexpr = False, n_tiles=1, W3_WORDS: tl.constexpr = 1,
+    STREAMK: tl.constexpr = False, n_tiles=1,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -548,7 +460,7 @@ def gemv_h2_kernel(
                      x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
                      BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
-                     PDL, GLU, ACC, False, False, W3_WORDS)
+                     PDL, GLU, ACC, False, False)
             u += it1 - it0
         if PDL == 1:
             launch_dependents()
@@ -560,5 +472,5 @@ def gemv_h2_kernel(
                  x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
                  BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
-                 PDL, GLU, ACC, True, True, W3_WORDS)
+                 PDL, GLU, ACC, True, True)
 

@@ -29,8 +29,6 @@ class GemvConfig:
     asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
     depth: int = 1  # h2: iterations loaded ahead (1 or 2; 2 doubles the bytes in flight and the registers)
     stream_k: bool = False  # h2: waves x SMs programs share the (tile, iteration) units evenly (one wave)
-    w3_words: int = 1  # h2 W3: words (10 products each) summed in fp16 before one fp32 conversion (1-3):
-    # fewer instructions, and a lower |x| at which an fp16 partial could overflow (gemv_h2.py)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweepw3 sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,11 +33,6 @@ for s in $STAGES; do
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x4 r128" "x8 r128" "x12 r128" "x16 r128" \
         --shapes 8192x28672 28672x8192 8192x8192 --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweepwaves" 2>&1 | grep -v Warning \
         | tee "$OUT/sweepwaves.log" | tail -60 ;;
-    sweepw3)  # run 12: W3 M=1 with fp16 sums over 2-3 words (f16w2/f16w3) next to the configs that win today
-      stamp sweepw3
-      timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --only "h2 BN128 R4 w4 x6" \
-        "h2 BN128 R4 w4 x4" "split3" "h2 BN64 R4 w4 x8" --shapes 8192x28672 28672x8192 --m 1 --bits 3 --reps 15 \
-        --out "$OUT/sweepw3" 2>&1 | grep -v Warning | tee "$OUT/sweepw3.log" | tail -40 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

@@ -99,10 +99,6 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                                   (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:
                     out.append((f"h2 BN{bn} R{r} w4 split{sp}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
                                                                  "split": sp, "h2": True}))
-                for bn, wv, ww in [(128, 6, 2), (128, 6, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (64, 8, 3)]:
-                    # run 12: fp16 sums over 2-3 words (one or two fewer conversions per 32 weights)
-                    out.append((f"h2 BN{bn} R4 w4 x{wv} f16w{ww}", {"impl": "gemv", "BN": bn, "R": 4, "num_warps": 4,
-                                                                     "waves": wv, "h2": True, "w3_words": ww}))
     if 2 <= m <= 64 and bits in (3, 4):  # the fp16-pair tensor-core GEMM (gemm_h2.py)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for bn, w, waves, mr in [(128, 4, 4, 128), (128, 4, 4, None), (64, 4, 6, None), (64, 4, 4, None),

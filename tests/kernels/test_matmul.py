@@ -21,7 +21,7 @@ def _k(group, bits):
 
 
 def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1,
-              stream_k=False, waves=8.0, w3_words=1):
+              stream_k=False, waves=8.0):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
     pw = pack(qw, tile=32, device=device)
@@ -29,7 +29,7 @@ def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth, stream_k=stream_k,
-                                                waves=waves, w3_words=w3_words))
+                                                waves=waves))
     assert y is out
     assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
 
@@ -54,21 +54,6 @@ def test_gemv_h2_depth2(bits, group, gen, device):
     """Loads issued two iterations ahead (the clamped tail re-reads its own tile)."""
     _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, depth=2)
     _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=1, h2=True, depth=2)
-
-
-@pytest.mark.parametrize("w3_words", [2, 3])
-@pytest.mark.parametrize("group", [32, None])
-def test_gemv_h2_w3_fp16_sums_over_words(w3_words, group, gen, device):
-    """W3 with the products of 2 or 3 words summed in fp16 before the fp32 conversion (run 12)."""
-    _run_gemv(3, 37, 3, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, w3_words=w3_words)
-    _run_gemv(1, 37, 3, group, True, torch.float16, gen, device, split=1, h2=True, w3_words=w3_words)
-
-
-def test_gemv_w3_words_out_of_range(gen, device):
-    qw = random_qweight(9, 128, 3, 32, False, torch.float16, gen)
-    pw = pack(qw, tile=32, device=device)
-    with pytest.raises(ValueError, match="w3_words"):
-        gemv(random_x(1, 128, torch.float16, gen, device), pw, cfg=GemvConfig(BN=32, R=4, h2=True, w3_words=4))
 
 
 @pytest.mark.parametrize("bits,group,waves", [(4, 32, 1.5), (3, None, 2.0), (4, 128, 0.5), (3, 32, 64.0)])
