@@ -65,14 +65,30 @@ def decode_rows(w0, w1, w2, j, magic, BITS: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def _ld_nc256(p):
+    """Weight words by inline PTX: non-coherent, no L1 allocation, and the L2 asked to fetch the
+    whole 256-byte block (sector promotion). Four elements per asm: the four consecutive columns
+    a thread holds (the loads' 16-byte vectors), addressed by the first."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l",
+        [p.to(tl.int64, bitcast=True)], dtype=tl.int32, is_pure=True, pack=4)
+
+
+@triton.jit
 def load_rows(wp, T: tl.constexpr, BITS: tl.constexpr, EVICT: tl.constexpr):
-    """Load the word(s) of decode rows; ``wp`` points at the first word of each row."""
-    if EVICT:
+    """Load the word(s) of decode rows; ``wp`` points at the first word of each row. EVICT: 1
+    evict-first, 2 by ``_ld_nc256`` (run 12 experiment)."""
+    if EVICT == 2:
+        w0 = _ld_nc256(wp)
+    elif EVICT:
         w0 = tl.load(wp, eviction_policy="evict_first")
     else:
         w0 = tl.load(wp)
     if BITS == 3:
-        if EVICT:
+        if EVICT == 2:
+            w1 = _ld_nc256(wp + T)
+            w2 = _ld_nc256(wp + 2 * T)
+        elif EVICT:
             w1 = tl.load(wp + T, eviction_policy="evict_first")
             w2 = tl.load(wp + 2 * T, eviction_policy="evict_first")
         else:

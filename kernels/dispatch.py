@@ -180,7 +180,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             m, n, k // 4, xq.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
-            HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=cfg.evict and not interpreting(),
+            HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=0 if interpreting() else int(cfg.evict),
             ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
             STREAMK=stream_k, n_tiles=n_tiles, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
@@ -191,7 +191,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         m, n, k, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters, MAGIC_BITS,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
         GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
+        HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=0 if interpreting() else min(int(cfg.evict), 1),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
@@ -233,7 +233,8 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=not interpreting(), ACC=accumulate, GLU=glu,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=0 if interpreting() else 2 if cfg.evict == 2 else 1,
+        ACC=accumulate, GLU=glu,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
@@ -298,7 +299,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         GROUP_ROWS=rb if per_channel else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk,
         GROUP_M=cfg.GROUP_M, HAS_BIAS=bias is not None, SPLIT=split > 1, TRANS=cfg.trans,
         DOT_F32=interpreting() and x.dtype == torch.bfloat16,
-        EVICT=cfg.evict and not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVICT=0 if interpreting() else min(int(cfg.evict), 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -400,7 +401,7 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         xin, sx, pw.words, pw.scale, b, out, ws, cnt,
         m, n, k, xin.stride(0), out.stride(0), pw.rows, per,
         BITS=pw.bits, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk, GROUP_M=cfg.GROUP_M, FUSE=fuse,
-        TRANS=cfg.trans, HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=cfg.evict and not interpreting(),
+        TRANS=cfg.trans, HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=0 if interpreting() else min(int(cfg.evict), 1),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -444,6 +445,9 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         sk = (((64, 8, 64), (64, 5, None)) if bits == 4 else ((128, 7, 72), (128, 6, None), (64, 8, 64), (64, 7, None)))
         c += [(f"h2 BN{bn} R{rs[0]} w4 sk{wv}{f' r{mr}' if mr else ''}",
                gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, stream_k=True, maxnreg=mr)) for bn, wv, mr in sk]
+        # weight loads asking the L2 for whole 256 B blocks (run 12)
+        c += [(f"h2 BN{bn} R{rs[0]} w4 x{wv} nc256", gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, evict=2))
+              for bn, wv in ((64, 8), (128, 6))]
     if m <= 4:
         rs = (4, 2) if bits == 3 else (16, 8)
         mr = None if bits == 3 else 128  # W3 R4 needs 95 registers anyway
@@ -462,8 +466,9 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         c += [(f"tc-h2 BM{bm} BN{bn} x{wv}{f' r{r}' if r else ''}", gm(BM=bm, BN=bn, h2=True, waves=wv, maxnreg=r))
               for bn, wv, r in ((128, 4, 128), (64, 6, None), (64, 4, None), (128, 3, None), (128, 2, 128),
-                                (128, 12, 128))]  # x12: 3 waves of k-splits; run 12 won only W3 M=4 on 8192->28672
-        # (50.3 vs 52.8 µs); x8 / x16 never (W4 M=16 8192->28672: x4 59.5, x8 60.5, x12 60.3, x16 63.9 µs)
+                                (128, 12, 128))]  # x12: 3 waves of k-splits; run 12 won only W3 M=4 on
+        # 8192->28672 (50.3 vs 52.8 µs); x8 / x16 never (W4 M=16 8192->28672: x4 59.5, x8 60.5, x12 60.3, x16 63.9)
+        c += [(f"tc-h2 BM{bm} BN128 x4 r128 nc256", gm(BM=bm, BN=128, h2=True, waves=4, maxnreg=128, evict=2))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

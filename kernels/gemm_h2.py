@@ -204,7 +204,10 @@ def _ldg(p, ASM: tl.constexpr):
     """Load through inline PTX where it runs: the result keeps the layout of its address tensor."""
     if ASM:
         a = p.to(tl.int64, bitcast=True)
-        if p.dtype.element_ty == tl.int32:
+        if p.dtype.element_ty == tl.int32 and ASM == 2:  # words, L2 asked for the whole 256 B block (run 12)
+            v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.L2::256B.b32 $0, [$1];", "=r,l", [a],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        elif p.dtype.element_ty == tl.int32:
             v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l", [a],
                                           dtype=tl.int32, is_pure=True, pack=1)
         elif p.dtype.element_ty == tl.float16:

@@ -22,7 +22,7 @@ class GemvConfig:
     R: int = 16  # decode rows (words, or 3-word chunks) per iteration
     num_warps: int = 4
     split: int | None = None  # k-splits; None: from the SM count
-    evict: bool = True
+    evict: int = True  # 1: evict-first loads; 2: non-coherent loads with an L2 256 B fetch hint (run 12)
     waves: float = 8.0  # target programs per SM when choosing split
     maxnreg: int | None = None  # register cap: W4 R16 fits 128 without spills (4 programs/SM, not 3)
     h2: bool | None = None  # fp16-pair kernel (gemv_h2.py); None: wherever it applies (W4/W3, fp16 x)
@@ -47,7 +47,7 @@ class GemmConfig:
     num_stages: int = 3
     GROUP_M: int = 8
     split: int | None = None  # None: split-K only when the tiles do not fill the GPU
-    evict: bool = False
+    evict: int = False  # as GemvConfig.evict
     waves: float = 2.0
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)

@@ -139,13 +139,14 @@ def main() -> None:
     ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
     ap.add_argument("--stream-k", action="store_true", help="gemv_h2: stream-K grid")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread")
+    ap.add_argument("--evict", type=int, default=1, help="weight loads: 1 evict-first, 2 nc + L2::256B (decode.load_rows)")
     ap.add_argument("--ttgir", action="store_true", help="print the TTGIR (layouts, converts)")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
     sig = dict(GEMV_SIG)
     for k in ("x_ptr", "scale_ptr", "bias_ptr", "out_ptr"):
         sig[k] = "*" + a.dtype
-    common = dict(BITS=a.bits, SYM=a.sym, PER_CHANNEL=a.group == 0, T=128, HAS_BIAS=False, SPLIT=True, EVICT=True)
+    common = dict(BITS=a.bits, SYM=a.sym, PER_CHANNEL=a.group == 0, T=128, HAS_BIAS=False, SPLIT=True, EVICT=a.evict)
     if a.kernel == "gemv_h2":
         from kernels.gemv_h2 import gemv_h2_kernel
         global DIV16
@@ -168,7 +169,7 @@ def main() -> None:
         from kernels.gemm_h2 import gemm_h2_kernel
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
         gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
-        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=True)
+        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=2 if a.evict == 2 else 1)
         k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages, maxnreg=a.maxnreg or None)
         vals = 128 * a.bn
     else:

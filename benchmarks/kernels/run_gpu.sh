@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweeph2 large sweepsmall sweepsym bench benchsmall chunked dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,6 +33,12 @@ for s in $STAGES; do
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x4 r128" "x8 r128" "x12 r128" "x16 r128" \
         --shapes 8192x28672 28672x8192 8192x8192 --m 4 16 --bits 4 3 --reps 15 --out "$OUT/sweepwaves" 2>&1 | grep -v Warning \
         | tee "$OUT/sweepwaves.log" | tail -60 ;;
+    sweepl2)  # run 12: weight loads with the L2 256 B fetch hint (nc256) next to today's winners, M=1 and M=16
+      stamp sweepl2
+      timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --only "h2 BN64 R16 w4 x8" \
+        "h2 BN128 R16 w4 x4" "h2 BN128 R4 w4 x6" "h2 BN64 R4 w4 x8" "tc-h2 BM16 BN128 w4 x4 r128" \
+        --shapes 8192x28672 28672x8192 3584x37888 --m 1 16 --bits 4 3 --reps 15 --out "$OUT/sweepl2" 2>&1 \
+        | grep -v Warning | tee "$OUT/sweepl2.log" | tail -60 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

@@ -94,6 +94,9 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 out.append((f"h2 BN{bn} R{r} w4 sk{wv}{f' r{mr}' if mr else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4, "waves": wv, "h2": True,
                              "stream_k": True, "maxnreg": mr}))
+            for bn, r, wv in ((64, rh[0], 8), (128, rh[0], 4), (128, rh[0], 6)):  # run 12: L2 256 B fetch hint
+                out.append((f"h2 BN{bn} R{r} w4 x{wv} nc256", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
+                                                                "waves": wv, "h2": True, "evict": 2}))
             if bits == 3:  # run 8: W3 BN128 R4 with 3 k-splits beat the waves-derived 4; scan the split itself
                 for bn, r, sp in [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 4, 6), (128, 4, 8),
                                   (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:
@@ -107,6 +110,8 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
             out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr,
                          "num_warps": w}))
+        out.append((f"tc-h2 BM{bm} BN128 w4 x4 r128 nc256", {"impl": "gemm", "BM": bm, "BN": 128, "h2": True, "waves": 4,
+                                                             "maxnreg": 128, "num_warps": 4, "evict": 2}))
     if 4 <= m <= 64:
         bk = 64 if bits == 3 else 128
         bm = 16 if m <= 16 else 64

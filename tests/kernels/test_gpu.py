@@ -41,6 +41,9 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
                     twin = gemv(x, pw, cfg=GemvConfig(BN=bn, R=r, h2=True, depth=d, asm=False))
                     # the portable twin is the PTX up to fused vs separate fp16 multiply-add roundings
                     assert_matches(outs[f"h2-R{r}-d{d}"], twin.double().cpu(), x, w64, dtype, slack=1.0)
+                    outs[f"h2-R{r}-nc256"] = gemv(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype,
+                                                                         device="cuda"),
+                                                  cfg=GemvConfig(BN=bn, R=r, h2=True, evict=2))  # run 12
         outs["gemm"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                             cfg=GemmConfig(BM=64, BN=128, BK=64 if bits != 3 else 32))
         outs["dequant+cublas"] = gemm_dequant(x, pw)
@@ -51,6 +54,8 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
             for bn, split in ((64, None), (128, 3), (256, 2)):
                 outs[f"gemm-h2-BN{bn}"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                                                cfg=GemmConfig(BM=bm, BN=bn, h2=True, split=split))
+            outs["gemm-h2-nc256"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
+                                         cfg=GemmConfig(BM=bm, BN=128, h2=True, split=3, evict=2))  # run 12
             acc = torch.zeros(m, n, dtype=torch.float32, device="cuda")
             gemm(x, pw, out=acc, cfg=GemmConfig(BM=bm, BN=64, h2=True, split=4), accumulate=True)
             outs["gemm-h2-acc"] = acc
