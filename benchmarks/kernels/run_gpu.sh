@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -42,6 +42,11 @@ for s in $STAGES; do
         "h2 BN128 R16 w4 x4" "h2 BN128 R4 w4 x6" "h2 BN64 R4 w4 x8" "tc-h2 BM16 BN128 w4 x4 r128" \
         --shapes 8192x28672 28672x8192 3584x37888 --m 1 16 --bits 4 3 --reps 15 --out "$OUT/sweepl2" 2>&1 \
         | grep -v Warning | tee "$OUT/sweepl2.log" | tail -60 ;;
+    sweepw3occ)  # run 12: W3 M=1 with register caps / 2-warp programs for more resident warps (ncum1: 24 per SM)
+      stamp sweepw3occ
+      timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --only "h2 BN128 R4 w4 x6" \
+        " r72" " r64" --shapes 8192x28672 28672x8192 3584x37888 --m 1 --bits 3 --reps 15 --out "$OUT/sweepw3occ" 2>&1 \
+        | grep -v Warning | tee "$OUT/sweepw3occ.log" | tail -30 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

@@ -97,6 +97,12 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
             for bn, r, wv in ((64, rh[0], 8), (128, rh[0], 4), (128, rh[0], 6)):  # run 12: L2 256 B fetch hint
                 out.append((f"h2 BN{bn} R{r} w4 x{wv} nc256", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
                                                                 "waves": wv, "h2": True, "evict": 2}))
+            if bits == 3:  # run 12 ncu: W3 at 74 registers holds 24 warps per SM (W4: 32) and stalls on memory;
+                # register caps for 28-32 warps (64 spills 40 bytes), and 2-warp programs
+                for bn, r, w, wv, mr in ((128, 4, 4, 7, 72), (128, 4, 4, 8, 64), (64, 4, 2, 14, 72), (64, 4, 2, 12, 72),
+                                         (64, 4, 2, 16, 64)):
+                    out.append((f"h2 BN{bn} R{r} w{w} x{wv} r{mr}", {"impl": "gemv", "BN": bn, "R": r, "num_warps": w,
+                                                                     "waves": wv, "h2": True, "maxnreg": mr}))
             if bits == 3:  # run 8: W3 BN128 R4 with 3 k-splits beat the waves-derived 4; scan the split itself
                 for bn, r, sp in [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 4, 6), (128, 4, 8),
                                   (64, 4, 2), (64, 4, 3), (128, 2, 3), (128, 2, 6)]:
