@@ -151,6 +151,8 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         return out.add_(gemv(x, pw, bias, cfg=replace(cfg, h2=False), pdl=pdl))
     if glu and cfg.BN % (2 * glu):
         raise ValueError(f"GEMV BN={cfg.BN} must hold whole gate/up block pairs (2 x {glu})")
+    if not cfg.x_ahead and cfg.depth != 1:
+        raise ValueError("GemvConfig(x_ahead=False) loads only the words ahead, so it needs depth=1")
     per_channel = pw.group_size is None
     r = cfg.R if per_channel else min(cfg.R, pw.group_rows)  # grouped: inside one group
     if pw.tile % cfg.BN:
@@ -182,7 +184,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
             HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=0 if interpreting() else int(cfg.evict),
             ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
-            STREAMK=stream_k, n_tiles=n_tiles, num_warps=cfg.num_warps,
+            STREAMK=stream_k, n_tiles=n_tiles, XAHEAD=cfg.x_ahead, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
         )
         return out

@@ -352,7 +352,7 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
              T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr,
              ASM: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr, ACC: tl.constexpr,
-             FIRST: tl.constexpr, LAST: tl.constexpr):
+             FIRST: tl.constexpr, LAST: tl.constexpr, XAHEAD: tl.constexpr):
     """Iterations [it0, it1) of column tile ``pid_n`` and row block ``pid_m``, then the epilogue
     (``expected`` programs add into tile ``cnt_idx``; one: a plain store)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
@@ -385,24 +385,33 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
         launch_dependents()
     if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
         xbase = xbase + wait_prior()
-    aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7 = _load_x(xbase + it0 * (R * QPR), x_ptr, qi0 + it0 * (R * QPR), M, K4,
-                                                     m3, QPR, EVEN, ASM, PDL == 0)
+    if XAHEAD:
+        aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7 = _load_x(xbase + it0 * (R * QPR), x_ptr, qi0 + it0 * (R * QPR), M,
+                                                         K4, m3, QPR, EVEN, ASM, PDL == 0)
     if DEPTH == 2:
         b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
             tl.minimum(it0 + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
             BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
     y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
     for it in range(it0, it1):
-        w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
-                                                            a_s, a_z)
         # the last iterations re-read their own tile: harmless
-        if DEPTH == 2:
+        if not XAHEAD:  # only the weights ahead; x (L1-resident, read by every program) where it is used
+            w0, w1, w2, s, z = a0, a1, a2, a_s, a_z
+            a0, a1, a2, a_s, a_z = _stage_w(tl.minimum(it + 1, it1 - 1), wbase, szbase, scale_ptr, zero_ptr, BITS,
+                                            SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(xbase + it * (R * QPR), x_ptr, qi0 + it * (R * QPR), M, K4, m3,
+                                                     QPR, EVEN, ASM, PDL == 0)
+        elif DEPTH == 2:
+            w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
+                                                                a_s, a_z)
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = (b0, b1, b2, bq0, bq1, bq2, bq3, bq4,
                                                                             bq5, bq6, bq7, b_s, b_z)
             b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
                 tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
         else:
+            w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
+                                                                a_s, a_z)
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
                 tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
@@ -430,7 +439,7 @@ def gemv_h2_kernel(
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
     DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
-    STREAMK: tl.constexpr = False, n_tiles=1,
+    STREAMK: tl.constexpr = False, n_tiles=1, XAHEAD: tl.constexpr = True,
 ):
     """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
 
@@ -461,7 +470,7 @@ def gemv_h2_kernel(
                      x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
                      BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
-                     PDL, GLU, ACC, False, False)
+                     PDL, GLU, ACC, False, False, XAHEAD)
             u += it1 - it0
         if PDL == 1:
             launch_dependents()
@@ -473,5 +482,5 @@ def gemv_h2_kernel(
                  x_ptr, words_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K4, stride_xm, stride_om, rows_total, groups_pad,
                  BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, BM, BN, R, HAS_BIAS, SPLIT, EVICT, EVEN, ASM, DEPTH,
-                 PDL, GLU, ACC, True, True)
+                 PDL, GLU, ACC, True, True, XAHEAD)
 

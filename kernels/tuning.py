@@ -30,6 +30,7 @@ class GemvConfig:
     asm: bool = True  # h2 with inline PTX (False: its portable twin, also what the interpreter runs)
     depth: int = 1  # h2: iterations loaded ahead (1 or 2; 2 doubles the bytes in flight and the registers)
     stream_k: bool = False  # h2: waves x SMs programs share the (tile, iteration) units evenly (one wave)
+    x_ahead: bool = True  # h2: x loaded an iteration ahead with the words (False: where used; fewer registers)
 
     def rows_ok(self, rows_per_128k: int) -> "GemvConfig":
         """R must divide the rows of one 128-k block (the padding unit)."""

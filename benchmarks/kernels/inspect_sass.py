@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--glu", type=int, default=0, help="gemv_h2: silu-mul epilogue over gate/up blocks of this size")
     ap.add_argument("--stream-k", action="store_true", help="gemv_h2: stream-K grid")
     ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread")
+    ap.add_argument("--x-late", action="store_true", help="gemv_h2: x loaded where used, not an iteration ahead")
     ap.add_argument("--evict", type=int, default=1, help="weight loads: 1 evict-first, 2 nc + L2::256B (decode.load_rows)")
     ap.add_argument("--ttgir", action="store_true", help="print the TTGIR (layouts, converts)")
     a = ap.parse_args()
@@ -154,7 +155,8 @@ def main() -> None:
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 not in ("magic", "K")}, "n_iters": "i32", "K4": "i32",
                "x_ptr": "*i64"}
         c = dict(common, GROUP_ROWS=max(a.group // v, 1) if a.group else a.r, BM=a.bm, BN=a.bn, R=a.r,
-                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, PDL=a.pdl, GLU=a.glu, STREAMK=a.stream_k)
+                 EVEN=not a.uneven, ASM=True, DEPTH=a.depth, PDL=a.pdl, GLU=a.glu, STREAMK=a.stream_k,
+                 XAHEAD=not a.x_late)
         if a.stream_k:
             sig["n_tiles"] = "i32"
         k = compile_kernel(gemv_h2_kernel, sig, c, a.warps, maxnreg=a.maxnreg or None)

@@ -97,6 +97,13 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
             for bn, r, wv in ((64, rh[0], 8), (128, rh[0], 4), (128, rh[0], 6)):  # run 12: L2 256 B fetch hint
                 out.append((f"h2 BN{bn} R{r} w4 x{wv} nc256", {"impl": "gemv", "BN": bn, "R": r, "num_warps": 4,
                                                                 "waves": wv, "h2": True, "evict": 2}))
+            # run 12: x loaded where used (W3 72 -> 64 registers, no spills: 8 programs of 4 warps per SM)
+            xl = (((128, 4, 4, 8), (128, 4, 4, 6), (64, 4, 2, 16), (64, 4, 4, 8)) if bits == 3 else
+                  ((64, 16, 4, 8), (64, 16, 4, 9)))
+            for bn, r, w, wv in xl:
+                out.append((f"h2 BN{bn} R{r} w{w} x{wv} xl{' nc256' if bits == 4 else ''}",
+                            {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": wv, "h2": True, "x_ahead": False,
+                             "evict": 2 if bits == 4 else 1}))
             if bits == 3:  # run 12 ncu: W3 at 74 registers holds 24 warps per SM (W4: 32) and stalls on memory;
                 # register caps for 28-32 warps (64 spills 40 bytes), and 2-warp programs
                 for bn, r, w, wv, mr in ((128, 4, 4, 7, 72), (128, 4, 4, 8, 64), (64, 4, 2, 14, 72), (64, 4, 2, 12, 72),

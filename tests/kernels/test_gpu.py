@@ -46,6 +46,8 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
                                                   cfg=GemvConfig(BN=bn, R=r, h2=True, evict=2))  # run 12
                 outs["h2-w2-r72"] = gemv(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                                          cfg=GemvConfig(BN=64, R=4, h2=True, num_warps=2, waves=14, maxnreg=72))
+                outs["h2-x-late"] = gemv(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
+                                         cfg=GemvConfig(BN=128, R=4, h2=True, waves=8, x_ahead=False))
         outs["gemm"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                             cfg=GemmConfig(BM=64, BN=128, BK=64 if bits != 3 else 32))
         outs["dequant+cublas"] = gemm_dequant(x, pw)

@@ -21,7 +21,7 @@ def _k(group, bits):
 
 
 def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4, h2=None, depth=1,
-              stream_k=False, waves=8.0):
+              stream_k=False, waves=8.0, x_ahead=True):
     k = _k(group, bits)
     qw = random_qweight(n, k, bits, group, sym, dtype, gen)
     pw = pack(qw, tile=32, device=device)
@@ -29,7 +29,7 @@ def _run_gemv(m, n, bits, group, sym, dtype, gen, device, split, bias=False, r=4
     b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     y = gemv(x, pw, b, out=out, cfg=GemvConfig(BN=32, R=r, split=split, h2=h2, depth=depth, stream_k=stream_k,
-                                                waves=waves))
+                                                waves=waves, x_ahead=x_ahead))
     assert y is out
     assert_matches(y, linear_ref(x.cpu(), qw, None if b is None else b.cpu()), x, weight_f64(qw), dtype)
 
@@ -54,6 +54,23 @@ def test_gemv_h2_depth2(bits, group, gen, device):
     """Loads issued two iterations ahead (the clamped tail re-reads its own tile)."""
     _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, depth=2)
     _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=1, h2=True, depth=2)
+
+
+@pytest.mark.parametrize("bits,group", [(3, 32), (3, None), (4, 128), (4, None)])
+def test_gemv_h2_x_where_used(bits, group, gen, device):
+    """Only the words an iteration ahead, x loaded in the iteration that uses it (run 12: W3 72 -> 64
+    registers); k-splits, masked rows of x and per-channel (K not a multiple of the block) included."""
+    _run_gemv(3, 37, bits, group, False, torch.float16, gen, device, split=2, bias=True, h2=True, x_ahead=False)
+    _run_gemv(1, 37, bits, group, True, torch.float16, gen, device, split=None, h2=True, stream_k=True,
+              waves=1.5, x_ahead=False)
+
+
+def test_gemv_x_where_used_needs_depth_1(gen, device):
+    qw = random_qweight(9, 128, 4, 32, False, torch.float16, gen)
+    pw = pack(qw, tile=32, device=device)
+    with pytest.raises(ValueError, match="x_ahead"):
+        gemv(random_x(1, 128, torch.float16, gen, device), pw,
+             cfg=GemvConfig(BN=32, R=4, h2=True, depth=2, x_ahead=False))
 
 
 @pytest.mark.parametrize("bits,group,waves", [(4, 32, 1.5), (3, None, 2.0), (4, 128, 0.5), (3, 32, 64.0)])
