@@ -450,6 +450,10 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         if bits == 3:  # 28 resident warps per SM instead of 24 (run 12: 36.1 vs 37.2 µs on 8192->28672)
             c += [("h2 BN128 R4 w4 x7 r72", gv(BN=128, R=4, num_warps=4, waves=7, h2=True, maxnreg=72)),
                   ("h2 BN64 R4 w2 x14 r72", gv(BN=64, R=4, num_warps=2, waves=14, h2=True, maxnreg=72))]
+        # x loaded where used: 64 registers for W3 (32 warps per SM); run 12: W3 35.9 vs 36.3 µs on
+        # 28672->8192 (no gain elsewhere), W4 45.4 vs 46.1 / 45.8 on the two big shapes
+        c += [("h2 BN64 R4 w2 x16 xl", gv(BN=64, R=4, num_warps=2, waves=16, h2=True, x_ahead=False)) if bits == 3
+              else ("h2 BN64 R16 w4 x8 xl nc256", gv(BN=64, R=16, num_warps=4, waves=8, h2=True, x_ahead=False, evict=2))]
         # weight loads asking the L2 for whole 256 B blocks (run 12)
         c += [(f"h2 BN{bn} R{rs[0]} w4 x{wv} nc256", gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, evict=2))
               for bn, wv in ((64, 8), (128, 6))]
