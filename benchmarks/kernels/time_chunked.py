@@ -29,13 +29,19 @@ def columns(pw: PackedWeight, c0: int, c1: int) -> PackedWeight:
                         pw.symmetric, pw.in_features, c1 - c0, t)
 
 
-def main() -> None:
-    m = 2048
+def large_m_inputs(m: int = 2048):
+    """(k, n, x [m, k], fp16 weight [n, k], generator) for the three big shapes, fixed seed."""
     gen = torch.Generator(device="cuda")
     gen.manual_seed(0)
     for k, n in ((8192, 28672), (28672, 8192), (8192, 8192)):
         x = torch.randn(m, k, device="cuda", generator=gen).half()
         w16 = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
+        yield k, n, x, w16, gen
+
+
+def main() -> None:
+    m = 2048
+    for k, n, x, w16, gen in large_m_inputs(m):
         out = torch.empty(m, n, device="cuda", dtype=torch.float16)
         t_mm = time_graph(lambda i: F.linear(x, w16), calls=3, reps=10)
         print(f"{k} -> {n} M={m}: cuBLAS fp16 {t_mm:.0f} us", flush=True)

@@ -19,14 +19,13 @@ import torch.nn.functional as F  # noqa: E402
 from kernels.dispatch import dequantize  # noqa: E402
 from pipeline.evaluate.bench_kernels import _packed, capture, time_interleaved  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from time_chunked import large_m_inputs  # noqa: E402
+
 
 def main() -> None:
     m = 2048
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(0)
-    for k, n in ((8192, 28672), (28672, 8192), (8192, 8192)):
-        x = torch.randn(m, k, device="cuda", generator=gen).half()
-        w16 = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half()
+    for k, n, x, w16, gen in large_m_inputs(m):
         wt = w16.t().contiguous()  # [in, out]
         pw = _packed(4, 128, False, k, n, "cuda", gen)
         scratch = torch.empty(n, k, device="cuda", dtype=torch.float16)
