@@ -22,7 +22,7 @@ class GemvConfig:
     R: int = 16  # decode rows (words, or 3-word chunks) per iteration
     num_warps: int = 4
     split: int | None = None  # k-splits; None: from the SM count
-    evict: int = True  # 1: evict-first word loads; 2 (fp16-pair kernels): non-coherent, no L1 allocation, the L2
+    evict: int = 1  # 1: evict-first word loads; 2 (fp16-pair kernels): non-coherent, no L1 allocation, the L2
     # asked for whole 256 B blocks (run 12: W4 M=1 2-3% faster); elsewhere 2 acts as 1
     waves: float = 8.0  # target programs per SM when choosing split
     maxnreg: int | None = None  # register cap: W4 R16 fits 128 without spills (4 programs/SM, not 3)
@@ -49,7 +49,7 @@ class GemmConfig:
     num_stages: int = 3
     GROUP_M: int = 8
     split: int | None = None  # None: split-K only when the tiles do not fill the GPU
-    evict: int = False  # as GemvConfig.evict
+    evict: int = 0  # as GemvConfig.evict (0: plain loads)
     waves: float = 2.0
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)
