@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -82,6 +82,9 @@ for s in $STAGES; do
     layouts)  # run 12: cuBLAS at M=2048 with the 16-bit weight [in, out] (NN) vs F.linear's [out, in]
       stamp layouts
       timeout 150 python3 benchmarks/kernels/time_layouts.py 2>&1 | grep -v Warning | tee "$OUT/layouts.log" ;;
+    ceiling)  # run 12: the M=1 GEMVs next to a kernel reading the same words in the same order, decoding nothing
+      stamp ceiling
+      timeout 150 python3 benchmarks/kernels/time_read_ceiling.py 2>&1 | grep -v Warning | tee "$OUT/ceiling.log" ;;
     dequant)
       stamp dequant
       timeout 90 python3 benchmarks/kernels/time_dequant.py 2>&1 | grep -v Warning | tee "$OUT/dequant.log" ;;
