@@ -2,7 +2,8 @@
 same grid (k-splits, one iteration loaded ahead) but decodes nothing. Question (run 12): W3 at M=1
 sits at 72% of DRAM peak, and neither fewer instructions nor more resident warps moved it. If this
 read-only kernel is as slow as the GEMV, the access order and grid are the limit; if it is near the
-byte floor, the decode's latency is.
+byte floor, the decode's latency is. "GEMV acc": the same GEMV adding its k-splits into a zeroed fp32
+buffer (no split-K counter or read-back), to price the split-K epilogue.
 
     PYTHONPATH=$PWD python3 benchmarks/kernels/time_read_ceiling.py
 """
@@ -83,8 +84,15 @@ def main() -> None:
             def mv(i, pws=pws, cfg=cfg):
                 return gemv(x, pws[i % 4], cfg=cfg)
 
+            acc = torch.zeros(1, n, dtype=torch.float32, device="cuda")
+
+            def mv_acc(i, pws=pws, cfg=cfg, acc=acc):  # k-splits add into a zeroed fp32 buffer: no counter,
+                acc.zero_()  # no last-arrival read-back (decode's mode); the zeroing is timed with it
+                return gemv(x, pws[i % 4], out=acc, cfg=cfg, accumulate=True)
+
             label = f"W{bits} BN{bn} R{r} x{waves:g} w{warps} ({n_tiles}x{split} programs)"
-            for name, fn in ((f"read only  {label}", read), (f"GEMV       {label}", mv)):
+            for name, fn in ((f"read only  {label}", read), (f"GEMV       {label}", mv),
+                             (f"GEMV acc   {label}", mv_acc)):
                 fn(0)
                 names.append(name)
                 timers.append(capture(fn, 20))
