@@ -394,27 +394,25 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
             BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
     y3 = tl.zeros([BM, R, BN], dtype=tl.float32)
     for it in range(it0, it1):
+        w0, w1, w2, s, z = a0, a1, a2, a_s, a_z
+        if XAHEAD:
+            q0, q1, q2, q3, q4, q5, q6, q7 = aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7
         # the last iterations re-read their own tile: harmless
-        if not XAHEAD:  # only the weights ahead; x (L1-resident, read by every program) where it is used
-            w0, w1, w2, s, z = a0, a1, a2, a_s, a_z
-            a0, a1, a2, a_s, a_z = _stage_w(tl.minimum(it + 1, it1 - 1), wbase, szbase, scale_ptr, zero_ptr, BITS,
-                                            SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT)
-            q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(xbase + it * (R * QPR), x_ptr, qi0 + it * (R * QPR), M, K4, m3,
-                                                     QPR, EVEN, ASM, PDL == 0)
-        elif DEPTH == 2:
-            w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
-                                                                a_s, a_z)
+        if DEPTH == 2:
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = (b0, b1, b2, bq0, bq1, bq2, bq3, bq4,
                                                                             bq5, bq6, bq7, b_s, b_z)
             b0, b1, b2, bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7, b_s, b_z = _stage(
                 tl.minimum(it + 2, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
-        else:
-            w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, s, z = (a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7,
-                                                                a_s, a_z)
+        elif XAHEAD:
             a0, a1, a2, aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7, a_s, a_z = _stage(
                 tl.minimum(it + 1, it1 - 1), wbase, xbase, qi0, szbase, x_ptr, scale_ptr, zero_ptr, M, K4, m3,
                 BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT, EVEN, ASM, PDL == 0)
+        else:  # only the words ahead; x (L1-resident, read by every program) where it is used
+            a0, a1, a2, a_s, a_z = _stage_w(tl.minimum(it + 1, it1 - 1), wbase, szbase, scale_ptr, zero_ptr, BITS,
+                                            SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT)
+            q0, q1, q2, q3, q4, q5, q6, q7 = _load_x(xbase + it * (R * QPR), x_ptr, qi0 + it * (R * QPR), M, K4, m3,
+                                                     QPR, EVEN, ASM, PDL == 0)
         if not PER_CHANNEL:
             zf, za, zb, zc = _zconst(z, OFFSET, SYM, BITS, z, ASM)
         r = _row_dot(w0, w1, w2, q0, q1, q2, q3, q4, q5, q6, q7, zf, za, zb, zc, BITS, ASM)  # [BM, R, BN]
