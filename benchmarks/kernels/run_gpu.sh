@@ -82,7 +82,8 @@ for s in $STAGES; do
     layouts)  # run 12: cuBLAS at M=2048 with the 16-bit weight [in, out] (NN) vs F.linear's [out, in]
       stamp layouts
       timeout 150 python3 benchmarks/kernels/time_layouts.py 2>&1 | grep -v Warning | tee "$OUT/layouts.log" ;;
-    ceiling)  # run 12: the M=1 GEMVs next to a kernel reading the same words in the same order, decoding nothing
+    ceiling)  # run 12: the M=1 GEMVs next to a kernel reading the same words in the same order, decoding nothing,
+      # and (untimed yet) the GEMV's loop built up in layers: decode, + scales, + x
       stamp ceiling
       timeout 150 python3 benchmarks/kernels/time_read_ceiling.py 2>&1 | grep -v Warning | tee "$OUT/ceiling.log" ;;
     dequant)

@@ -1,0 +1,52 @@
+"""The kernel experiment scripts' own kernels (benchmarks/kernels/): what they time must compute what
+they claim, or their timings compare the wrong things. Interpreter, portable (no-PTX) paths."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from kernels.layout import pack
+from kernels.reference import linear_ref, weight_f64
+
+from kt_helpers import assert_matches, random_qweight, random_x
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernels")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_layered_loop_at_level_3_is_the_product(bits, gen, device):
+    """time_read_ceiling's GEMV loop (level 3, split in two, partials stored plainly) sums to x @ W^T."""
+    rc = _script("time_read_ceiling")
+    k, n = 512, 192
+    qw = random_qweight(n, k, bits, 128, False, torch.float16, gen)
+    pw = pack(qw, tile=64, device=device)
+    x = random_x(1, k, torch.float16, gen, device)
+    r, wpr = (4, 3) if bits == 3 else (16, 1)
+    iters = pw.words.shape[1] // (r * wpr)
+    out = torch.full((2, n), float("nan"), dtype=torch.float32, device=device)
+    rc.layered(x, pw, out, 3, 64, r, 2, -(-iters // 2), iters, 4, asm=False)
+    assert_matches(out.sum(0, keepdim=True), linear_ref(x.cpu(), qw), x, weight_f64(qw), torch.float16)
+
+
+def test_read_words_kernel_reads_every_word_once(gen, device):
+    """The read-only twin XORs exactly the words of its split (W3: three rows per decode row)."""
+    rc = _script("time_read_ceiling")
+    t, r, wpr, nt, bn = 64, 4, 3, 2, 32
+    rows = 4 * r * wpr
+    words = torch.randint(-2**31, 2**31 - 1, (nt, rows, t), dtype=torch.int32, generator=gen).to(device)
+    out = torch.empty(2, nt * t, dtype=torch.int32, device=device)
+    rc.read_words_kernel[(nt * t // bn, 2)](words, out, rows * t, 2, 4, nt * t, T=t, BN=bn, R=r, WPR=wpr)
+    ref = torch.stack([words[:, s * rows // 2:(s + 1) * rows // 2].cpu() for s in range(2)])  # [split, nt, rows, t]
+    x = ref[:, :, 0].clone()
+    for i in range(1, rows // 2):
+        x ^= ref[:, :, i]
+    assert torch.equal(out.cpu(), x.reshape(2, -1))
