@@ -64,6 +64,14 @@ def dirty_workspaces(reset: bool = False) -> list[tuple[str, int, int]]:
     return dirty
 
 
+def _evict(cfg: GemvConfig | GemmConfig, fp16_pairs: bool = False) -> int:
+    """The EVICT constexpr of a launch: 0 under the interpreter; ``cfg.evict``'s 2 (the L2 256 B fetch
+    hint, inline PTX) only in the fp16-pair kernels, 1 elsewhere."""
+    if interpreting():
+        return 0
+    return int(cfg.evict) if fp16_pairs else min(int(cfg.evict), 1)
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -182,7 +190,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
             m, n, k // 4, xq.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
             BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
             GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
-            HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=0 if interpreting() else int(cfg.evict),
+            HAS_BIAS=bias is not None, SPLIT=split > 1 or stream_k, EVICT=_evict(cfg, fp16_pairs=True),
             ASM=cfg.asm and not interpreting(), DEPTH=cfg.depth, PDL=pdl, GLU=glu, ACC=accumulate,
             STREAMK=stream_k, n_tiles=n_tiles, XAHEAD=cfg.x_ahead, num_warps=cfg.num_warps,
             **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}), **launch_kwargs(pdl),
@@ -193,7 +201,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         m, n, k, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters, MAGIC_BITS,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=per_channel, EVEN=even,
         GROUP_ROWS=r if per_channel else pw.group_rows, T=pw.tile, BM=bm, BN=cfg.BN, R=r,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=0 if interpreting() else min(int(cfg.evict), 1),
+        HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=_evict(cfg),
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
@@ -235,8 +243,8 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
         m, n, pw.in_features, x.stride(0), out.stride(0), pw.rows, pw.scale.shape[1], per, iters,
         BITS=pw.bits, SYM=pw.symmetric, PER_CHANNEL=pw.group_size is None,
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, ASM=0 if interpreting() else 2 if cfg.evict == 2 else 1,
-        ACC=accumulate, GLU=glu,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, ACC=accumulate, GLU=glu,
+        ASM=0 if interpreting() else 2 if cfg.evict == 2 else 1,  # 2: the words with the L2 256 B hint
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out
@@ -301,7 +309,7 @@ def gemm(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         GROUP_ROWS=rb if per_channel else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk,
         GROUP_M=cfg.GROUP_M, HAS_BIAS=bias is not None, SPLIT=split > 1, TRANS=cfg.trans,
         DOT_F32=interpreting() and x.dtype == torch.bfloat16,
-        EVICT=0 if interpreting() else min(int(cfg.evict), 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVICT=_evict(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -403,7 +411,7 @@ def w4a8(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
         xin, sx, pw.words, pw.scale, b, out, ws, cnt,
         m, n, k, xin.stride(0), out.stride(0), pw.rows, per,
         BITS=pw.bits, T=pw.tile, BM=cfg.BM, BN=cfg.BN, BK=bk, GROUP_M=cfg.GROUP_M, FUSE=fuse,
-        TRANS=cfg.trans, HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=0 if interpreting() else min(int(cfg.evict), 1),
+        TRANS=cfg.trans, HAS_BIAS=bias is not None, SPLIT=split > 1, EVICT=_evict(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
