@@ -148,9 +148,11 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     m, n = x.shape[0], pw.out_features
     plan = pw.plan
     if cfg is None:
-        cfg = gemv_h2_config(pw.bits) if h2_applies(x, pw) else gemv_config(pw.bits, m, n, pw.in_features)
-    cfg = cfg.rows_ok(128 // plan.values_per_row)
+        cfg = (gemv_h2_config(pw.bits, None if glu else pw.in_features) if h2_applies(x, pw)
+               else gemv_config(pw.bits, m, n, pw.in_features))
     h2 = h2_applies(x, pw) if cfg.h2 is None else cfg.h2
+    k_rows, block_rows = pw.in_features // plan.values_per_row, 128 // plan.values_per_row
+    cfg = cfg.rows_ok(block_rows, k_rows if h2 and pw.in_features % plan.values_per_row == 0 else None)
     if h2 and not h2_applies(x, pw):
         raise ValueError("the fp16-pair GEMV needs 3/4-bit weights, fp16 x and in_features % 4 == 0")
     if glu and not h2:  # the portable kernel has no GLU epilogue: a second launch
@@ -162,14 +164,16 @@ def gemv(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
     if not cfg.x_ahead and cfg.depth != 1:
         raise ValueError("GemvConfig(x_ahead=False) loads only the words ahead, so it needs depth=1")
     per_channel = pw.group_size is None
-    r = cfg.R if per_channel else min(cfg.R, pw.group_rows)  # grouped: inside one group
+    wide = h2 and cfg.R > block_rows  # R spans whole 128-k blocks and divides k_rows (rows_ok)
+    r = cfg.R if per_channel or wide else min(cfg.R, pw.group_rows)  # grouped: inside one group, or whole ones
     if pw.tile % cfg.BN:
         raise ValueError(f"GEMV BN={cfg.BN} must divide the layout tile {pw.tile}")
     bm = 1 if m == 1 else 2 if m == 2 else 4
     n_tiles, m_blocks = -(-n // cfg.BN), -(-m // bm)
     k = pw.in_features
     # iterate only over rows that hold real k (the padding is all zero codes)
-    iters = -(-k // (r * plan.values_per_row)) if per_channel else k // pw.group_size * (pw.group_rows // r)
+    iters = (-(-k // (r * plan.values_per_row)) if per_channel else k_rows // r if wide
+             else k // pw.group_size * (pw.group_rows // r))
     even = m % bm == 0 and (not per_channel or k % (r * plan.values_per_row) == 0)
     split, per = _split(n_tiles * m_blocks, iters, cfg.split, sm_count(x.device), cfg.waves, floor=True)
     stream_k = h2 and cfg.stream_k
@@ -462,6 +466,14 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         # 28672->8192 (no gain elsewhere), W4 45.4 vs 46.1 / 45.8 on the two big shapes
         c += [("h2 BN64 R4 w2 x16 xl", gv(BN=64, R=4, num_warps=2, waves=16, h2=True, x_ahead=False)) if bits == 3
               else ("h2 BN64 R16 w4 x8 xl nc256", gv(BN=64, R=16, num_warps=4, waves=8, h2=True, x_ahead=False, evict=2))]
+        # an iteration over several groups (BN32, 4 warps): 8192->28672 needs no k-split, whose epilogue was
+        # 1.1-1.7 µs of the ~5.5 above the read ceiling (run 13: W3 36.1 -> 33.9 µs, W4 45.0 -> 43.6);
+        # BN64 with 8 warps and BN16 with 2 lost
+        wide = (() if glu else ((16, 6, False), (16, 8, False), (16, 6, True)) if bits == 3 else
+                ((32, 6, True), (32, 8, True)))  # BN32 holds no gate/up block pair
+        c += [(f"h2 BN32 R{r} w4 x{wv}{'' if xa else ' xl'}{' nc256' if bits == 4 else ''} wide",
+               gv(BN=32, R=r, num_warps=4, waves=wv, h2=True, x_ahead=xa, evict=2 if bits == 4 else 1))
+              for r, wv, xa in wide]
         # weight loads asking the L2 for whole 256 B blocks (run 12)
         c += [(f"h2 BN{bn} R{rs[0]} w4 x{wv} nc256", gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, evict=2))
               for bn, wv in ((64, 8), (128, 6))]

@@ -322,7 +322,7 @@ def _stage_w(j, wbase, szbase, scale_ptr, zero_ptr, BITS: tl.constexpr, SYM: tl.
         s = w0
         z = w0
     else:
-        g = ((j * R) // GROUP_ROWS) * T  # R divides GROUP_ROWS
+        g = ((j * R) // GROUP_ROWS) * T  # R divides GROUP_ROWS, or is a multiple of it (szbase)
         s = tl.load(scale_ptr + szbase + g)
         z = s
         if not SYM:
@@ -372,8 +372,11 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
     # x is read by inline PTX on [BM, R, 1] addresses (see _ld): no tl.load, so no layout of its own
     qi0 = r_loc[None, :, None] * QPR
     xbase = x_ptr + m3 * stride_xm + qi0
-    # scale/zero pointers [1, R, BN] (stride 0 along R, merged loads): no layout convert either
-    szbase = sz_col[None, None, :] + 0 * r_loc[None, :, None]
+    # scale/zero pointers [1, R, BN] (stride 0 along R inside a group, merged loads): no layout convert either
+    if R > GROUP_ROWS:  # an iteration spans R / GROUP_ROWS whole groups
+        szbase = sz_col[None, None, :] + ((r_loc // GROUP_ROWS) * T)[None, :, None]
+    else:
+        szbase = sz_col[None, None, :] + 0 * r_loc[None, :, None]
     if PER_CHANNEL:
         zsrc = szbase  # any int tensor of the right shape when symmetric
         if not SYM:
@@ -439,7 +442,8 @@ def gemv_h2_kernel(
     DEPTH: tl.constexpr, PDL: tl.constexpr = 0, GLU: tl.constexpr = 0, ACC: tl.constexpr = False,
     STREAMK: tl.constexpr = False, n_tiles=1, XAHEAD: tl.constexpr = True,
 ):
-    """One program: BN columns x one k-split; an iteration is R decode rows (inside one group).
+    """One program: BN columns x one k-split; an iteration is R decode rows (inside one group, or
+    whole groups: a wide R with more warps needs fewer k-splits, or none, and so no split-K epilogue).
 
     ``x_ptr`` is x viewed as int64 (``stride_xm`` in int64 units, ``K4 = K / 4``). One fp32 per
     (row of x, decode row, column) accumulates ``(sum of the row's products) * scale``. The loads

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -52,6 +52,12 @@ for s in $STAGES; do
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --only " xl" "h2 BN128 R4 w4 x7 r72" \
         "h2 BN64 R4 w2 x14 r72" "h2 BN64 R16 w4 x8 nc256" --shapes 8192x28672 28672x8192 3584x37888 18944x3584 --m 1 \
         --bits 3 4 --reps 15 --out "$OUT/sweepxl" 2>&1 | grep -v Warning | tee "$OUT/sweepxl.log" | tail -40 ;;
+    sweepwide)  # run 13: iterations over several groups, 4-8 warps a program, no k-split on 8192->28672
+      stamp sweepwide
+      timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --only " wide" \
+        "h2 BN128 R4 w4 x7 r72" "h2 BN64 R4 w2 x14 r72" "h2 BN64 R4 w2 x16 xl" "h2 BN64 R16 w4 x8 nc256" \
+        "h2 BN64 R16 w4 x8 xl nc256" --shapes 8192x28672 28672x8192 3584x37888 18944x3584 --m 1 \
+        --bits 3 4 --reps 15 --out "$OUT/sweepwide" 2>&1 | grep -v Warning | tee "$OUT/sweepwide.log" | tail -50 ;;
     sweeph2)
       stamp sweeph2
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --shapes 8192x28672 \

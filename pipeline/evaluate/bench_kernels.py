@@ -104,6 +104,15 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 out.append((f"h2 BN{bn} R{r} w{w} x{wv} xl{' nc256' if bits == 4 else ''}",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": wv, "h2": True, "x_ahead": False,
                              "evict": 2 if bits == 4 else 1}))
+            # run 13: an iteration over several groups, 4-8 warps a program: few or no k-splits
+            wide = (((64, 16, 8, 4, 0), (64, 16, 8, 3, 0), (32, 16, 4, 6, 0), (32, 16, 4, 8, 0), (32, 16, 4, 6, 1),
+                     (16, 16, 2, 14, 0), (16, 16, 2, 12, 0)) if bits == 3 else
+                    ((64, 32, 8, 4, 1), (64, 32, 8, 3, 1), (32, 32, 4, 6, 1), (32, 32, 4, 8, 1), (32, 32, 4, 6, 0),
+                     (16, 32, 2, 14, 1), (16, 32, 2, 12, 1)))
+            for bn, r, w, wv, xa in wide:
+                out.append((f"h2 BN{bn} R{r} w{w} x{wv}{'' if xa else ' xl'}{' nc256' if bits == 4 else ''} wide",
+                            {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": wv, "h2": True,
+                             "x_ahead": bool(xa), "evict": 2 if bits == 4 else 1}))
             if bits == 3:  # run 12 ncu: W3 at 74 registers holds 24 warps per SM (W4: 32) and stalls on memory;
                 # register caps for 28-32 warps (64 spills 40 bytes), and 2-warp programs
                 for bn, r, w, wv, mr in ((128, 4, 4, 7, 72), (128, 4, 4, 8, 64), (64, 4, 2, 14, 72), (64, 4, 2, 12, 72),

@@ -65,6 +65,29 @@ def test_gemv_h2_x_where_used(bits, group, gen, device):
               waves=1.5, x_ahead=False)
 
 
+@pytest.mark.parametrize("bits,group,k,r", [(4, 32, 512, 32), (3, 128, 768, 8), (3, 32, 1024, 16), (4, None, 512, 32),
+                                             (3, 128, 384, 8)])
+def test_gemv_h2_iteration_spans_groups(bits, group, k, r, gen, device):
+    """R wider than a 128-k block: one iteration over several groups, each row with its own group's
+    scale and zero (W3 g32: 16 groups per iteration). (3, 128, 384, 8): 12 real rows, which R 8 does
+    not divide, so the dispatcher falls back to R 4. Split, stream-K and accumulate included."""
+    qw = random_qweight(37, k, bits, group, False, torch.float16, gen)
+    pw = pack(qw, tile=32, device=device)
+    for m, kw in ((1, dict(split=1)), (3, dict(split=2)), (2, dict(stream_k=True, waves=1.5)), (1, dict(acc=True))):
+        acc = kw.pop("acc", False)
+        x = random_x(m, k, torch.float16, gen, device)
+        cfg = GemvConfig(BN=32, R=r, num_warps=4, h2=True, **kw)
+        if acc:
+            base = torch.randn(m, 37, generator=gen).float().to(device)
+            y = gemv(x, pw, out=base.clone(), cfg=cfg, accumulate=True)
+            want = linear_ref(x.cpu(), qw) + base.cpu().double()
+        else:
+            out = torch.full((m, 37), float("nan"), dtype=torch.float16, device=device)
+            y = gemv(x, pw, out=out, cfg=cfg)
+            want = linear_ref(x.cpu(), qw)
+        assert_matches(y, want, x, weight_f64(qw), torch.float16)
+
+
 def test_gemv_x_where_used_needs_depth_1(gen, device):
     qw = random_qweight(9, 128, 4, 32, False, torch.float16, gen)
     pw = pack(qw, tile=32, device=device)
