@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -108,6 +108,10 @@ for s in $STAGES; do
         | grep -v Warning | tee "$OUT/decode_nopdl.log"
       timeout 150 python3 -m pipeline.evaluate.bench_decode --profile --out "$OUT/decode" 2>&1 | grep -v Warning \
         | tee "$OUT/decode.log" ;;
+    decodeprof)  # batch 1, PDL on, with the per-kernel breakdown
+      stamp decodeprof
+      timeout 150 python3 -m pipeline.evaluate.bench_decode --profile --batch 1 --out "$OUT/decode" 2>&1 \
+        | grep -v Warning | tee "$OUT/decode.log" ;;
     attn)
       stamp attn
       timeout 120 python3 benchmarks/kernels/time_attention.py 2>&1 | grep -v Warning | tee "$OUT/attn.log" ;;

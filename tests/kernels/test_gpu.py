@@ -46,6 +46,11 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
                                                   cfg=GemvConfig(BN=bn, R=r, h2=True, evict=2))  # run 12
                 outs["h2-w2-r72"] = gemv(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                                          cfg=GemvConfig(BN=64, R=4, h2=True, num_warps=2, waves=14, maxnreg=72))
+                for xa in (True, False):  # run 13: an iteration over several groups, no k-split
+                    outs[f"h2-wide-xa{int(xa)}"] = gemv(
+                        x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
+                        cfg=GemvConfig(BN=32, R=16 if bits == 3 else 32, h2=True, waves=6, x_ahead=xa,
+                                       evict=2 if bits == 4 else 1))
                 outs["h2-x-late"] = gemv(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                                          cfg=GemvConfig(BN=128, R=4, h2=True, waves=8, x_ahead=False))
         outs["gemm"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
