@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the issue's kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -111,7 +111,8 @@ for s in $STAGES; do
     decodeprof)  # batch 1, PDL on, with the per-kernel breakdown
       stamp decodeprof
       timeout 150 python3 -m pipeline.evaluate.bench_decode --profile --batch 1 --out "$OUT/decode" 2>&1 \
-        | grep -v Warning | tee "$OUT/decode.log" ;;
+        | grep -v Warning | tee "$OUT/decode.log"
+      cat "$OUT"/decode/decode_profile.md 2>/dev/null ;;
     attn)
       stamp attn
       timeout 120 python3 benchmarks/kernels/time_attention.py 2>&1 | grep -v Warning | tee "$OUT/attn.log" ;;
@@ -147,14 +148,17 @@ torch.cuda.synchronize()" > "$OUT/ncu_attn.log" 2>&1
           --shapes $sh --m 16 --bits 4 --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu_tc_$sh.log" 2>&1
         echo "-- $sh"; grep -E "Duration|DRAM Throughput|L2 Hit|Mem Busy|Max Bandwidth|Registers|Achieved Occupancy|Grid Size|Warp Cycles Per Issued|stalled_.*ratio +[a-z]* +[0-9.]+" "$OUT/ncu_tc_$sh.log" | awk '$NF+0 > 0.05 || !/stalled/'
       done ;;
-    ncum1)  # run 12: the M=1 winners side by side, W3 (36.4 µs, missed) vs W4 (45.2, met): what limits W3
-      stamp ncum1
+    ncum1|ncuwide)  # run 12: the M=1 winners side by side, W3 (36.4 µs, missed) vs W4 (45.2, met): what limits W3;
+      # run 13 (ncuwide): the wide-iteration winners (W3 33.9, W4 43.6)
+      stamp $s
       NCU="ncu --clock-control none -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,dram__bytes_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,smsp__inst_executed.sum"
-      for v in "3 h2 BN128 R4 w4 x6" "4 h2 BN64 R16 w4 x8 nc256"; do
+      if [ $s = ncum1 ]; then VS=("3 h2 BN128 R4 w4 x6" "4 h2 BN64 R16 w4 x8 nc256"); tag=m1
+      else VS=("3 h2 BN32 R16 w4 x6 xl wide" "4 h2 BN32 R32 w4 x6 nc256 wide"); tag=wide; fi
+      for v in "${VS[@]}"; do
         b=${v%% *}; only=${v#* }
         timeout 90 $NCU -k regex:gemv_h2 python3 -m pipeline.evaluate.bench_kernels --sweep --no-baselines --only "$only" \
-          --shapes 8192x28672 --m 1 --bits $b --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu_m1_w$b.log" 2>&1
-        echo "-- W$b $only"; grep -E "Duration|DRAM Throughput|L2 Hit|Mem Busy|Max Bandwidth|Registers|Achieved Occupancy|Theoretical Occ|Grid Size|Warp Cycles Per Issued|Issued Warp|dram__bytes|lts__t_sectors|inst_executed|stalled_.*ratio +[a-z]* +[0-9.]+" "$OUT/ncu_m1_w$b.log" | awk '$NF+0 > 0.05 || !/stalled/'
+          --shapes 8192x28672 --m 1 --bits $b --reps 1 --calls 1 --jobs 1 --out /tmp/ncu > "$OUT/ncu_${tag}_w$b.log" 2>&1
+        echo "-- W$b $only"; grep -E "Duration|DRAM Throughput|L2 Hit|Mem Busy|Max Bandwidth|Registers|Achieved Occupancy|Theoretical Occ|Grid Size|Warp Cycles Per Issued|Issued Warp|dram__bytes|lts__t_sectors|inst_executed|stalled_.*ratio +[a-z]* +[0-9.]+" "$OUT/ncu_${tag}_w$b.log" | awk '$NF+0 > 0.05 || !/stalled/'
       done ;;
     ncu)
       stamp ncu
