@@ -259,7 +259,7 @@ def gemm_h2_kernel(
     M, N, K, stride_xm, stride_om, rows_total, groups_pad, iters_per_split, n_iters,
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0,
+    ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0, SCALE_AFTER: tl.constexpr = True,
 ):
     """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
     block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
@@ -283,13 +283,14 @@ def gemm_h2_kernel(
     szbase = sz + rows
     szvec = sz + tl.arange(0, BN)
     kk0 = tl.arange(0, BK_H2)
-    # POST (one group per k-block): the tile is u - z and the group's scale multiplies its partial
-    # sums (BN x BM FMAs instead of a pair multiply per two weights). Per-channel: the tile is the
+    # POST (one group per k-block, SCALE_AFTER): the tile is u - z and the group's scale multiplies its
+    # partial sums (BN x BM FMAs instead of a pair multiply per two weights, but a second [BN, BM]
+    # accumulator: worth it at small BM). Per-channel: the tile is the
     # bare 1024 + u, the dot sum_k x_k (1024 + u_k), and after the loop -(1024 + z) sum_k x_k and the
     # scale are applied; the cancellation costs about 2^-24 * 1024 / |u - z| of the sum, far inside
     # the 16-bit output's 2^-11.
     RPI: tl.constexpr = 16 if BITS == 4 else 4
-    POST: tl.constexpr = PER_CHANNEL or GROUP_ROWS >= RPI
+    POST: tl.constexpr = PER_CHANNEL or (GROUP_ROWS >= RPI and SCALE_AFTER)
 
     xacc = tl.zeros([BM, BK_H2], dtype=tl.float32)  # per-channel: x summed over k-blocks
     acc = tl.zeros([BN, BM], dtype=tl.float32)

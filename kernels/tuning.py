@@ -57,6 +57,9 @@ class GemmConfig:
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)
     maxnreg: int | None = None  # register cap per thread (fp16-pair GEMM)
+    scale_after: bool | None = None  # fp16-pair GEMM, one group per k-block: the group's scale multiplies the
+    # block's fp32 partial sums (a second [BN, BM] accumulator) instead of the tile's fp16 pairs; None: for
+    # BM <= 16 (run 13: at BM 64 the second accumulator took 255 registers and spilled, 178 without it)
 
 
 def gemv_config(bits: int, m: int, n: int, k: int) -> GemvConfig:

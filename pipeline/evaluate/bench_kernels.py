@@ -128,7 +128,8 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for bn, w, waves, mr in [(128, 4, 4, 128), (128, 4, 4, None), (64, 4, 6, None), (64, 4, 4, None),
                                  (128, 4, 3, None), (128, 4, 2, 128), (256, 8, 2, 128), (128, 8, 3, None),
-                                 (128, 4, 8, 128), (128, 4, 12, 128), (128, 4, 16, 128)]:  # x8-16: run 11
+                                 (128, 4, 8, 128), (128, 4, 12, 128), (128, 4, 16, 128),  # x8-16: run 11
+                                 (128, 8, 2, None), (128, 8, 4, None), (256, 8, 2, None)]:  # run 13, BM >= 32
             out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''}",
                         {"impl": "gemm", "BM": bm, "BN": bn, "h2": True, "waves": waves, "maxnreg": mr,
                          "num_warps": w}))

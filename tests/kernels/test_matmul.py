@@ -177,6 +177,10 @@ def test_gemm_h2(bits, sym, group, gen, device):
     if group == 128:  # four 64-row slabs (two warpgroups of 8 warps on the GPU)
         _run_gemm(3, 200, bits, group, sym, torch.float16, gen, device,
                   GemmConfig(BM=16, BN=256, h2=True, num_warps=8, split=3), tile=256)
+        # one group per k-block: the scale in the tile (the default from BM 32) and after the dot, both BMs
+        for bm, after in ((32, None), (32, True), (16, False)):
+            _run_gemm(37, 70, bits, group, sym, torch.float16, gen, device,
+                      GemmConfig(BM=bm, BN=64, h2=True, split=2, scale_after=after), bias=True, tile=64)
 
 
 def test_gemm_h2_accumulate_and_refusals(gen, device):
