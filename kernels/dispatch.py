@@ -499,8 +499,9 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
                                 (128, 12, 128))]  # x12: 3 waves of k-splits; run 12 won only W3 M=4 on
         # 8192->28672 (50.3 vs 52.8 µs); x8 / x16 never (W4 M=16 8192->28672: x4 59.5, x8 60.5, x12 60.3, x16 63.9)
         c += [(f"tc-h2 BM{bm} BN128 x4 r128 nc256", gm(BM=bm, BN=128, h2=True, waves=4, maxnreg=128, evict=2))]
-        if bm >= 32:  # the scale in the tile (one accumulator): BM64 BN128 8 warps 122 registers, 2 programs per SM
-            c += [(f"tc-h2 BM{bm} BN128 w8 x{wv}", gm(BM=bm, BN=128, h2=True, waves=wv, num_warps=8)) for wv in (2, 3)]
+        if bm >= 32:  # the scale in the tile (one accumulator; run 13: M=64 28672 -> 8192 W4 97.7 µs, before ~110)
+            c += [(f"tc-h2 BM{bm} BN256 w8 x2 r128", gm(BM=bm, BN=256, h2=True, waves=2, num_warps=8, maxnreg=128)),
+                  (f"tc-h2 BM{bm} BN128 w8 x2", gm(BM=bm, BN=128, h2=True, waves=2, num_warps=8))]
     if 2 <= m <= 64:
         bm = 16 if m <= 16 else 64
         bk = 64 if bits == 3 else 128

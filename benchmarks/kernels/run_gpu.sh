@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall chunked layouts ceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -35,6 +35,11 @@ for s in $STAGES; do
       stamp sweeptc64
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --sweep --only tc --shapes 8192x28672 28672x8192 \
         --m 32 64 --bits 4 3 --reps 15 --out "$OUT/sweeptc64" 2>&1 | grep -v Warning | tee "$OUT/sweeptc64.log" | tail -120 ;;
+    sweepsa)  # run 13: the BM>=32 winners with the scale in the tile (default now) vs after the dot (" sa")
+      stamp sweepsa
+      timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x3" "BN128 w4 x4 r128" \
+        "BN256 w8 x2 r128" "BN128 w8 x2" --shapes 8192x28672 28672x8192 --m 32 64 --bits 4 3 --reps 15 \
+        --out "$OUT/sweepsa" 2>&1 | grep -v Warning | tee "$OUT/sweepsa.log" | tail -80 ;;
     sweepwaves)  # run 11 (untimed): the M=16 fp16-pair GEMM in 2-3 waves of k-splits (x8/x12/x16) next to one wave (x4)
       stamp sweepwaves
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x4 r128" "x8 r128" "x12 r128" "x16 r128" \
@@ -82,6 +87,10 @@ for s in $STAGES; do
       stamp large
       timeout 300 python3 -m pipeline.evaluate.bench_kernels --m 512 2048 --reps 15 --out "$OUT/large" 2>&1 \
         | grep -v Warning | tee "$OUT/large.log" | tail -40 ;;
+    benchmid)  # run 13: M=32 and 64 on every shape (batched decode)
+      stamp benchmid
+      timeout 240 python3 -m pipeline.evaluate.bench_kernels --m 32 64 --reps 15 --out "$OUT/benchmid" 2>&1 \
+        | grep -v Warning | tee "$OUT/benchmid.log" | tail -5 ;;
     benchsmall)
       stamp benchsmall
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --m 1 4 16 --reps 15 --out "$OUT/bench" 2>&1 \
