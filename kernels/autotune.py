@@ -4,12 +4,15 @@ Why at run time: the best path (CUDA-core GEMV, tensor-core split-K, fused GEMM,
 cuBLAS) and its block shapes depend on M, N, K and the GPU; a static table tuned on one shape
 was 10-30% off on others. Each candidate is compiled and timed a few times on the real inputs
 during the first eager call (never inside CUDA-graph capture: warm up first); the winner is kept
-per (bits, group, symmetric, dtype, M bucket, N, K, device) for the life of the process.
+per (bits, group, symmetric, dtype, M bucket, N, K, device) for the life of the process. ``export`` /
+``preload`` carry the decisions to a later process (the caller keeps them on disk: this package does no
+file I/O), which then skips the timing and gets the same launches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections.abc import Callable
@@ -21,6 +24,7 @@ _TRACE: dict[tuple, list[tuple[str, float]]] = {}
 _NAME: dict[tuple, str] = {}
 _LAST: list[str | None] = [None]
 _REJECTED: dict[tuple, list[tuple[str, float]]] = {}
+_PRELOAD: dict[str, str] = {}
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -146,6 +150,14 @@ def pick(key: tuple, cands: list[tuple[str, Callable]], args: tuple,
                            "run one eager forward with the same shapes before capturing")
     from . import pdl
 
+    pre = _PRELOAD.get(key_string(key))
+    if pre is not None:  # decided by an earlier process: that launch, if still offered and still right
+        hit = [(n, f) for n, f in cands if n == pre]
+        if hit and check is not None and reference is not None:
+            hit = agreeing(key, hit, check, reference())
+        if hit:
+            _BEST[key], _NAME[key], _LAST[0] = hit[0][1], pre, pre
+            return hit[0][1]
     if check is not None and reference is not None:
         cands = agreeing(key, cands, check, reference())
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
@@ -200,8 +212,7 @@ def last() -> str | None:
 
 def choice(key: tuple) -> str | None:
     """Name of the candidate chosen for ``key`` (for reports)."""
-    t = _TRACE.get(key)
-    return None if not t else min(t, key=lambda v: v[1])[0]
+    return _NAME.get(key)
 
 
 def chosen() -> dict[tuple, str]:
@@ -211,3 +222,22 @@ def chosen() -> dict[tuple, str]:
 
 def trace() -> dict[tuple, list[tuple[str, float]]]:
     return dict(_TRACE)
+
+
+def key_string(key: tuple) -> str:
+    """``key`` as a JSON string (dtypes by name): the form ``export`` and ``preload`` use."""
+    return json.dumps([str(v) if isinstance(v, torch.dtype) else v for v in key])
+
+
+def export() -> dict[str, str]:
+    """Every decision so far as ``{key_string: winner name}``, for the caller to keep."""
+    return {key_string(k): n for k, n in _NAME.items()}
+
+
+def preload(choices: dict[str, str]) -> None:
+    """Decisions from an earlier process (``export``). The first ``pick`` of such a key uses that
+    candidate without timing, provided it is still among the candidates and agrees with the
+    reference; otherwise it tunes as usual. Why: tuning a model's shapes costs seconds per shape
+    at start-up, and a re-tune can pick a different launch within the timing noise (run 8: a decode
+    step moved 4% between processes)."""
+    _PRELOAD.update({str(k): str(v) for k, v in choices.items()})

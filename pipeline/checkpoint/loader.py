@@ -167,7 +167,8 @@ def load_quantized_model(
     ``fake``: dequantized weights (exact ``(q - zero) * scale`` cast to ``dtype``) in plain Linears;
     when the config quantizes input activations (W4A8), each such Linear fake-quantizes its input
     per token first (``quant.quantizer.fake_quantize_activations``).
-    ``triton``: ``kernels.QuantLinear.from_quantized(qweight, bias, act_bits)`` in their place.
+    ``triton``: ``kernels.QuantLinear.from_quantized(qweight, bias, act_bits)`` in their place; on a
+    GPU the kernel autotuner starts from the launches earlier runs chose (``pipeline.kernel_choices``).
     """
     if backend not in BACKENDS:
         raise VlmqError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
@@ -224,4 +225,8 @@ def load_quantized_model(
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise VlmqError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}", "re-run the quantize job")
+    if quant_linear is not None and device.type == "cuda":  # the autotuner's launches from earlier runs
+        from ..kernel_choices import enable
+
+        enable(device)
     return model.to(device).eval()

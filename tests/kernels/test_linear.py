@@ -108,6 +108,30 @@ def test_autotune_times_only_candidates_that_agree_with_the_reference():
     assert sum("disagrees" in str(x.message) for x in w) == 3
 
 
+def test_autotune_preloaded_decision_skips_timing_unless_stale_or_wrong():
+    """A decision from an earlier process (``export`` -> ``preload``) is used without timing; a name
+    no longer offered, or a candidate that now disagrees with the reference, is tuned afresh."""
+    from kernels import autotune
+
+    ref = torch.arange(6.0)
+    cands = [("a", lambda x: ref), ("b", lambda x: ref + 1e-4), ("bad", lambda x: ref * 3)]
+    timed = []
+
+    def timer(cs, args):
+        timed.append([n for n, _ in cs])
+        return [(n, {"a": 2.0, "b": 1.0}.get(n, 0.5)) for n, _ in cs]
+
+    k1, k2, k3 = ("test-pre", torch.float16, 1), ("test-pre", torch.float16, 2), ("test-pre", torch.float16, 3)
+    autotune.preload({autotune.key_string(k1): "a", autotune.key_string(k2): "gone", autotune.key_string(k3): "bad"})
+    kw = dict(timer=timer, check=lambda f: f(0), reference=lambda: ref)
+    assert autotune.pick(k1, cands, (0,), **kw) is cands[0][1] and timed == []  # kept, though "b" is faster
+    assert autotune.pick(k2, cands, (0,), **kw) is cands[1][1] and timed == [["a", "b"]]
+    assert autotune.pick(k3, cands, (0,), **kw) is cands[1][1] and timed[-1] == ["a", "b"]
+    out = autotune.export()
+    assert out[autotune.key_string(k1)] == "a" and out[autotune.key_string(k3)] == "b"
+    assert autotune.key_string(k1) == '["test-pre", "torch.float16", 1]'
+
+
 def test_fp32_activations_run_in_16_bit(gen, device):
     qw = random_qweight(24, 64, 4, 32, False, torch.float16, gen)
     lin = QuantLinear.from_quantized(qw, None).to(device)
@@ -202,4 +226,6 @@ def test_w4a8_autotune_reference_agrees_with_its_kernels(gen, device, monkeypatc
     key = next(kk for kk in autotune.chosen() if kk[0] == "w4a8" and kk[4] == n)
     assert [nm for nm, _ in autotune.rejected()[key]] == ["wrong"]
     want = dispatch._w4a8_reference(x, pw, None)
-    assert torch.allclose(y.float(), want, atol=1e-2, rtol=1e-2)
+    # outputs cancel from terms of ~100 to ~0.2: the bound scales with the largest (a fixed 1e-2 failed
+    # about one seed in twenty; the agreement check itself allows 2e-2 of it)
+    assert torch.allclose(y.float(), want, atol=1e-3 * float(want.abs().max()), rtol=1e-2)
