@@ -19,6 +19,8 @@ for s in $STAGES; do
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider -n 8 -m "not timing" tests/kernels/test_gpu.py 2>&1 \
         | grep -v Warning | tail -15 | tee "$OUT/tests.log"
       timeout 60 python3 -m pytest -q -x -p no:cacheprovider -m timing tests/kernels/test_gpu.py 2>&1 \
+        | grep -v Warning | tail -15 | tee -a "$OUT/tests.log"
+      timeout 90 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/pipeline/test_kernel_choices.py 2>&1 \
         | grep -v Warning | tail -15 | tee -a "$OUT/tests.log" ;;
     repro)  # run 11: the NaN the agreement check caught in "gemm trans BM256" (split-K bookkeeping?)
       stamp repro
