@@ -40,8 +40,9 @@ def cache_file(device: torch.device | str) -> Path | None:
         return None
     import triton
 
-    root = Path(setting) if setting else (
-        Path(os.environ.get("VLMQ_CACHE") or Path.home() / ".cache" / "vlmq") / "kernels")
+    from .distributed.models import cache_dir  # $VLMQ_CACHE or ~/.cache/vlmq (no Ray behind it)
+
+    root = Path(setting) if setting else cache_dir() / "kernels"
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
     return root / f"{gpu}-triton{triton.__version__}-{_source_hash()}.json"
 

@@ -19,6 +19,9 @@ def test_cache_file_names_gpu_triton_and_source(monkeypatch, tmp_path):
     assert p.parent == tmp_path and p.name.startswith("NVIDIA-H100-80GB-HBM3-triton") and p.suffix == ".json"
     monkeypatch.setattr(kernel_choices, "_source_hash", lambda: "another")
     assert kernel_choices.cache_file("cuda:0") != p
+    monkeypatch.delenv("VLMQ_KERNEL_CACHE")
+    monkeypatch.setenv("VLMQ_CACHE", str(tmp_path / "c"))
+    assert kernel_choices.cache_file("cuda:0").parent == tmp_path / "c" / "kernels"
     monkeypatch.setenv("VLMQ_KERNEL_CACHE", "0")
     assert kernel_choices.cache_file("cuda:0") is None
 
