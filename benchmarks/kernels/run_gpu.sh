@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -107,6 +107,9 @@ for s in $STAGES; do
       # and (untimed yet) the GEMV's loop built up in layers: decode, + scales, + x
       stamp ceiling
       timeout 150 python3 benchmarks/kernels/time_read_ceiling.py 2>&1 | grep -v Warning | tee "$OUT/ceiling.log" ;;
+    tcceiling)  # run 13: the M=16 GEMM next to its words read alone and with x's tiles through the same MMAs
+      stamp tcceiling
+      timeout 150 python3 benchmarks/kernels/time_tc_ceiling.py 2>&1 | grep -v Warning | tee "$OUT/tcceiling.log" ;;
     dequant)
       stamp dequant
       timeout 90 python3 benchmarks/kernels/time_dequant.py 2>&1 | grep -v Warning | tee "$OUT/dequant.log" ;;

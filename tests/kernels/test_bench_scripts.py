@@ -50,3 +50,29 @@ def test_read_words_kernel_reads_every_word_once(gen, device):
     for i in range(1, rows // 2):
         x ^= ref[:, :, i]
     assert torch.equal(out.cpu(), x.reshape(2, -1))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_tc_read_kernel_reads_gemm_h2s_words(bits, gen, device):
+    """time_tc_ceiling's twin of the M=16 GEMM: each program XORs exactly the words of its column tile
+    and k-range (every row once), and at level 2 its dot sums x over that range for each row of x."""
+    tc = _script("time_tc_ceiling")
+    k, n, split = 512, 256, 2
+    qw = random_qweight(n, k, bits, 128, False, torch.float16, gen)
+    pw = pack(qw, tile=128, device=device)
+    x = random_x(16, k, torch.float16, gen, device)
+    out = torch.zeros(split * 2 * 512, dtype=torch.int32, device=device)
+    tc.read(x, pw, out, 2, 128, split, 2, 4, asm=False)
+    rows_per_block = 16 if bits == 4 else 12
+    words = pw.words.cpu()
+    for s in range(split):
+        for t in range(2):
+            got = out[(s * 2 + t) * 512:(s * 2 + t) * 512 + 512].cpu()
+            blk = words[t, s * 2 * rows_per_block:(s + 1) * 2 * rows_per_block]
+            col = blk[0].clone()
+            for r in blk[1:]:
+                col ^= r
+            folded = (col.view(2, 4, 2, 8)[:, :, 0] ^ col.view(2, 4, 2, 8)[:, :, 1]).reshape(-1)
+            assert torch.equal(got[:64], folded)
+            want = 128 * x[:, s * 256:(s + 1) * 256].double().sum(1).cpu()
+            assert torch.allclose(got[256:272].view(torch.float32).double(), want, rtol=1e-3, atol=1e-2)
