@@ -93,10 +93,12 @@ def main() -> None:
             out = torch.empty(split * n_tiles * 512, dtype=torch.int32, device="cuda")
             cfg = GemmConfig(BM=16, BN=128, h2=True, waves=4, maxnreg=128, evict=2)
             label = f"W{bits} BN128 x4 r128 nc256 ({n_tiles}x{split} programs)"
-            for name, fn in ((f"words only   {label}", lambda i, lv=1, p=pws: read(x, p[i % 4], out, lv, 128, split,
-                                                                                   per, iters)),
-                             (f"+ x and MMA  {label}", lambda i, lv=2, p=pws: read(x, p[i % 4], out, lv, 128, split,
-                                                                                   per, iters)),
+            # every tensor a graph replays is bound here, not looked up later: the next loop pass rebinds
+            # `out`, and a graph holding a freed buffer reads unmapped memory (run 12's bench crash)
+            def twin(level, p=pws, o=out, sp=split, pe=per, its=iters):
+                return lambda i: read(x, p[i % 4], o, level, 128, sp, pe, its)
+
+            for name, fn in ((f"words only   {label}", twin(1)), (f"+ x and MMA  {label}", twin(2)),
                              (f"GEMM         {label}", lambda i, p=pws, c=cfg: gemm(x, p[i % 4], cfg=c))):
                 fn(0)
                 names.append(name)
