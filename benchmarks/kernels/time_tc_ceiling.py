@@ -67,10 +67,36 @@ def tc_read_kernel(x_ptr, words_ptr, scale_ptr, zero_ptr, out_ptr, M, N, K, stri
         tl.store(base + 256 + tl.arange(0, BM), tl.sum(acc, axis=0).to(tl.int32, bitcast=True))
 
 
+@triton.jit
+def tc_read128_kernel(words_ptr, out_ptr, rows_total, iters_per_split, n_iters, T: tl.constexpr, BN: tl.constexpr,
+                      RPB: tl.constexpr):
+    """The same words and grid as ``tc_read_kernel`` level 1 (W4: 16 word rows per k-block), but each
+    thread reads 4 adjacent words of a row with one 16-byte load: [rows, BN / 4 threads, 4]. What a lane
+    would read if the tile's column order let its fragment rows be adjacent in memory (run 13)."""
+    pid_n = tl.program_id(0)
+    it0 = tl.program_id(1) * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, n_iters)
+    n0 = pid_n * BN
+    r = tl.arange(0, RPB)[:, None]
+    cols = (n0 // T) * (rows_total * T) + (n0 % T) + tl.arange(0, BN)[None, :]
+    base = words_ptr + r * T + tl.max_contiguous(tl.multiple_of(cols, [1, 4]), [1, 4])
+    nxt = tl.load(base + it0 * (RPB * T), eviction_policy="evict_first")
+    h = tl.zeros([RPB, BN], dtype=tl.int32)
+    for it in range(it0, it1):
+        cur = nxt
+        nxt = tl.load(base + tl.minimum(it + 1, it1 - 1) * (RPB * T), eviction_policy="evict_first")
+        h = h ^ cur
+    tl.store(out_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n) * BN + tl.arange(0, BN), tl.xor_sum(h, axis=0))
+
+
 def read(x: torch.Tensor, pw, out: torch.Tensor, level: int, bn: int, split: int, per: int, iters: int,
          asm: bool = True) -> torch.Tensor:
     """Launch ``tc_read_kernel`` on gemm_h2's grid (the words through the L2 256 B hint, as the GEMM's
-    nc256 launch); ``out``: int32, 512 per program."""
+    nc256 launch); ``out``: int32, 512 per program. Level 0: ``tc_read128_kernel`` (W4)."""
+    if level == 0:
+        tc_read128_kernel[(pw.out_features // bn, split)](pw.words, out, pw.rows, per, iters, T=pw.tile, BN=bn,
+                                                          RPB=16, num_warps=4)
+        return out
     tc_read_kernel[(pw.out_features // bn, split)](
         x, pw.words, pw.scale, pw.zero, out, x.shape[0], pw.out_features, pw.in_features, x.stride(0), pw.rows,
         pw.scale.shape[1], per, iters, BITS=pw.bits, GROUP_ROWS=pw.group_rows, T=pw.tile, BM=16, BN=bn,
@@ -98,8 +124,11 @@ def main() -> None:
             def twin(level, p=pws, o=out, sp=split, pe=per, its=iters):
                 return lambda i: read(x, p[i % 4], o, level, 128, sp, pe, its)
 
-            for name, fn in ((f"words only   {label}", twin(1)), (f"+ x and MMA  {label}", twin(2)),
-                             (f"GEMM         {label}", lambda i, p=pws, c=cfg: gemm(x, p[i % 4], cfg=c))):
+            cases = [(f"words only   {label}", twin(1)), (f"+ x and MMA  {label}", twin(2)),
+                     (f"GEMM         {label}", lambda i, p=pws, c=cfg: gemm(x, p[i % 4], cfg=c))]
+            if bits == 4:
+                cases.insert(0, (f"16 B loads   {label}", twin(0)))
+            for name, fn in cases:
                 fn(0)
                 names.append(name)
                 timers.append(capture(fn, 20))

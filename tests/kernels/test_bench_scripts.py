@@ -76,3 +76,21 @@ def test_tc_read_kernel_reads_gemm_h2s_words(bits, gen, device):
             assert torch.equal(got[:64], folded)
             want = 128 * x[:, s * 256:(s + 1) * 256].double().sum(1).cpu()
             assert torch.allclose(got[256:272].view(torch.float32).double(), want, rtol=1e-3, atol=1e-2)
+
+
+def test_tc_read128_kernel_reads_each_programs_words(gen, device):
+    """time_tc_ceiling level 0 (16-byte loads): each program XORs its column tile's word rows over its
+    k-range, every word once."""
+    tc = _script("time_tc_ceiling")
+    qw = random_qweight(256, 512, 4, 128, False, torch.float16, gen)
+    pw = pack(qw, tile=128, device=device)
+    out = torch.zeros(2 * 2 * 128, dtype=torch.int32, device=device)
+    tc.read(None, pw, out, 0, 128, 2, 2, 4)
+    words = pw.words.cpu()
+    for s in range(2):
+        for t in range(2):
+            blk = words[t, s * 32:(s + 1) * 32]
+            col = blk[0].clone()
+            for r in blk[1:]:
+                col ^= r
+            assert torch.equal(out[(s * 2 + t) * 128:(s * 2 + t + 1) * 128].cpu(), col)
