@@ -237,6 +237,9 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
                          "(and W3 groups that are multiples of 32)")
     if cfg.BN % 64 or pw.tile % cfg.BN:
         raise ValueError(f"fp16-pair GEMM BN={cfg.BN} must be a multiple of 64 dividing the layout tile {pw.tile}")
+    if cfg.perm and (glu or cfg.num_warps != 4):
+        raise ValueError("GemmConfig(perm=True) needs 4 warps and no GLU epilogue (its gate/up blocks need the "
+                         "natural column order)")
     m, n = x.shape[0], pw.out_features
     n_tiles, m_blocks = -(-n // cfg.BN), -(-m // cfg.BM)
     iters = -(-pw.in_features // 128)  # only blocks holding real k (the padding is all zero codes)
@@ -249,7 +252,7 @@ def _gemm_h2(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, out: 
         GROUP_ROWS=pw.rows if pw.group_size is None else pw.group_rows, T=pw.tile, BM=cfg.BM, BN=cfg.BN,
         HAS_BIAS=bias is not None, SPLIT=split > 1, ACC=accumulate, GLU=glu,
         ASM=0 if interpreting() else 2 if cfg.evict == 2 else 1,  # 2: the words with the L2 256 B hint
-        SCALE_AFTER=cfg.BM <= 16 if cfg.scale_after is None else cfg.scale_after,
+        SCALE_AFTER=cfg.BM <= 16 if cfg.scale_after is None else cfg.scale_after, PERM=cfg.perm,
         num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreting() else {}),
     )
     return out

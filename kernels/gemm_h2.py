@@ -200,11 +200,33 @@ def _index(NR: tl.constexpr, KB: tl.constexpr):
 
 
 @triton.jit
-def _ldg(p, ASM: tl.constexpr):
-    """Load through inline PTX where it runs: the result keeps the layout of its address tensor."""
+def _columns(r, NR: tl.constexpr, PERM: tl.constexpr):
+    """Memory column (within the tile) of tile row ``r = nr*64 + nh*16 + n3*8 + nl``. PERM: the rows a
+    thread holds in registers (nr, n3 of 4 warps) are adjacent columns, ``nh*16*NR + nl*2*NR + n3*NR +
+    nr``, in the order of its registers, so its words of a k-row are one 16-byte load (run 13: the words
+    alone read in 40.8 µs by 16-byte loads against 46.4 by 4-byte ones). A sum over n does not care
+    which column a row is, as long as the output, bias, scale and zero use the same map."""
+    if PERM:
+        nr = r // 64
+        nh = (r // 16) % 4
+        n3 = (r // 8) % 2
+        nl = r % 8
+        r = nh * (16 * NR) + nl * (2 * NR) + n3 * NR + nr
+    return r
+
+
+@triton.jit
+def _ldg(p, ASM: tl.constexpr, VEC: tl.constexpr = 1):
+    """Load through inline PTX where it runs: the result keeps the layout of its address tensor. VEC 4
+    (words): one 16-byte load per four consecutive elements of a thread, addressed by the first, which
+    must be four adjacent, 16-byte aligned words (PERM's column order, ``_columns``)."""
     if ASM:
         a = p.to(tl.int64, bitcast=True)
-        if p.dtype.element_ty == tl.int32 and ASM == 2:  # words, L2 asked for the whole 256 B block (run 12)
+        if p.dtype.element_ty == tl.int32 and VEC == 4:
+            hint: tl.constexpr = ".L2::256B" if ASM == 2 else ""
+            v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate" + hint + ".v4.b32 {$0, $1, $2, $3}, [$4];",
+                                          "=r,=r,=r,=r,l,l,l,l", [a], dtype=tl.int32, is_pure=True, pack=4)
+        elif p.dtype.element_ty == tl.int32 and ASM == 2:  # words, L2 asked for the whole 256 B block (run 12)
             v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.L2::256B.b32 $0, [$1];", "=r,l", [a],
                                           dtype=tl.int32, is_pure=True, pack=1)
         elif p.dtype.element_ty == tl.int32:
@@ -223,20 +245,21 @@ def _ldg(p, ASM: tl.constexpr):
 
 @triton.jit
 def _loads(words_ptr, scale_ptr, zero_ptr, it, wbase, szbase, kb, c, BITS: tl.constexpr, SYM: tl.constexpr,
-           PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr, T: tl.constexpr, ASM: tl.constexpr):
+           PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr, T: tl.constexpr, ASM: tl.constexpr,
+           VEC: tl.constexpr = 1):
     """Words (and grouped scale / zero) of k-block ``it``. ``wbase``/``szbase``: row offsets."""
     if BITS == 4:  # decode row (word) of lane c of slab kb: 16 per k-block
         row = it * 16 + kb * 4 + c
-        w0 = _ldg(words_ptr + wbase + row * T, ASM)
+        w0 = _ldg(words_ptr + wbase + row * T, ASM, VEC)
         w1 = w0
         w2 = w0
         RPI: tl.constexpr = 16
     else:  # chunk of lane c: 4 per k-block, 3 words each
         row = it * 4 + c
         p = words_ptr + wbase + row * (3 * T)
-        w0 = _ldg(p, ASM)
-        w1 = _ldg(p + T, ASM)
-        w2 = _ldg(p + 2 * T, ASM)
+        w0 = _ldg(p, ASM, VEC)
+        w1 = _ldg(p + T, ASM, VEC)
+        w2 = _ldg(p + 2 * T, ASM, VEC)
         RPI: tl.constexpr = 4
     if PER_CHANNEL:
         s = w0
@@ -260,11 +283,13 @@ def gemm_h2_kernel(
     BITS: tl.constexpr, SYM: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_ROWS: tl.constexpr,
     T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     ASM: tl.constexpr, ACC: tl.constexpr = False, GLU: tl.constexpr = 0, SCALE_AFTER: tl.constexpr = True,
+    PERM: tl.constexpr = False,
 ):
     """``out^T[BN, BM] = W x^T`` over k-blocks of 128, split over ``program_id(1)``; ``program_id(2)``:
     block of BM rows of x. ``GROUP_ROWS``: decode rows (W4 words, W3 chunks) per group. ACC: add
     into a zeroed fp32 ``out`` (as gemv_h2's accumulate mode). GLU: silu-mul epilogue over gate/up
-    blocks of GLU (decode.store_out)."""
+    blocks of GLU (decode.store_out). PERM: tile rows in the column order of ``_columns`` (16-byte word
+    loads with 4 warps; not with GLU, whose epilogue needs the natural order)."""
     WPR: tl.constexpr = 3 if BITS == 3 else 1
     OFFSET: tl.constexpr = (1 << (BITS - 1)) if SYM else 0
     pid_n = tl.program_id(0)
@@ -272,16 +297,17 @@ def gemm_h2_kernel(
     it0 = tl.program_id(1) * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
 
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    NR: tl.constexpr = BN // 64
+    offs_n = pid_n * BN + _columns(tl.arange(0, BN), NR, PERM)  # tile row order
     offs_m = pid_m * BM + tl.arange(0, BM)
     n0 = pid_n * BN  # BN divides T
-    NR: tl.constexpr = BN // 64
     KB: tl.constexpr = 4 if BITS == 4 else 1
     kb, rows, c = _index(NR, KB)
+    rows = _columns(rows, NR, PERM)
     wbase = (n0 // T) * (rows_total * WPR * T) + (n0 % T) + rows
     sz = (n0 // T) * (groups_pad * T) + (n0 % T)
     szbase = sz + rows
-    szvec = sz + tl.arange(0, BN)
+    szvec = sz + _columns(tl.arange(0, BN), NR, PERM)
     kk0 = tl.arange(0, BK_H2)
     # POST (one group per k-block, SCALE_AFTER): the tile is u - z and the group's scale multiplies its
     # partial sums (BN x BM FMAs instead of a pair multiply per two weights, but a second [BN, BM]
@@ -298,13 +324,14 @@ def gemm_h2_kernel(
     # inline PTX so that they keep the fragment layout. Run 9 (NOTES.md): a tl.range cp.async ring made
     # Triton convert the decoded tile through shared memory (4.3 instead of 2.5 instructions per
     # weight), and loading 2-4 blocks ahead lost everywhere (more registers, fewer programs per SM).
+    VEC: tl.constexpr = 4 if PERM and NR == 2 else 1  # 4 warps: a thread's 4 rows are adjacent words
     nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, it0, wbase, szbase, kb, c, BITS, SYM,
-                                   PER_CHANNEL, GROUP_ROWS, T, ASM)
+                                   PER_CHANNEL, GROUP_ROWS, T, ASM, VEC)
     for it in range(it0, it1):
         w0, w1, w2, s, z = nw0, nw1, nw2, ns, nz
         # the last iteration re-reads its own block: harmless
         nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, tl.minimum(it + 1, it1 - 1), wbase, szbase,
-                                       kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM)
+                                       kb, c, BITS, SYM, PER_CHANNEL, GROUP_ROWS, T, ASM, VEC)
         kk = it * BK_H2 + kk0
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                      mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)

@@ -57,6 +57,8 @@ class GemmConfig:
     trans: bool = False  # weights as the MMA's A operand (from registers): for small M
     h2: bool = False  # fp16-pair decode in fragment order (gemm_h2.py; weights as the A operand, BK 128)
     maxnreg: int | None = None  # register cap per thread (fp16-pair GEMM)
+    perm: bool = False  # fp16-pair GEMM, BN128 with 4 warps, no GLU: tile rows in a column order that lets
+    # each thread load its four words of a k-row at once (gemm_h2._columns; run 13)
     scale_after: bool | None = None  # fp16-pair GEMM, one group per k-block: the group's scale multiplies the
     # block's fp32 partial sums (a second [BN, BM] accumulator) instead of the tile's fp16 pairs; None: for
     # BM <= 16 (run 13: at BM 64 the second accumulator took 255 registers and spilled, 178 without it)

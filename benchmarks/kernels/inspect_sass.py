@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--x-late", action="store_true", help="gemv_h2: x loaded where used, not an iteration ahead")
     ap.add_argument("--evict", type=int, default=1, help="weight loads: 1 evict-first, 2 nc + L2::256B (decode.load_rows)")
     ap.add_argument("--ttgir", action="store_true", help="print the TTGIR (layouts, converts)")
+    ap.add_argument("--perm", action="store_true", help="gemm_h2: tile rows in the 16-byte-load column order")
     a = ap.parse_args()
     v = 32 if a.bits == 3 else 32 // a.bits
     sig = dict(GEMV_SIG)
@@ -171,7 +172,8 @@ def main() -> None:
         from kernels.gemm_h2 import gemm_h2_kernel
         sig = {**{k2: v2 for k2, v2 in sig.items() if k2 != "magic"}, "n_iters": "i32"}
         gr = (a.group // v if a.bits == 4 else a.group // 32) if a.group else 16
-        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn, ASM=2 if a.evict == 2 else 1)
+        c = dict({k2: v2 for k2, v2 in common.items() if k2 != "EVICT"}, GROUP_ROWS=gr, BM=a.bm, BN=a.bn,
+                 ASM=2 if a.evict == 2 else 1, PERM=a.perm)
         k = compile_kernel(gemm_h2_kernel, sig, c, a.warps, a.stages, maxnreg=a.maxnreg or None)
         vals = 128 * a.bn
     else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -42,6 +42,11 @@ for s in $STAGES; do
       timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x3" "BN128 w4 x4 r128" \
         "BN256 w8 x2 r128" "BN128 w8 x2" --shapes 8192x28672 28672x8192 --m 32 64 --bits 4 3 --reps 15 \
         --out "$OUT/sweepsa" 2>&1 | grep -v Warning | tee "$OUT/sweepsa.log" | tail -80 ;;
+    sweepperm)  # run 13: the M<=16 GEMM with tile rows in the 16-byte-load column order, side by side
+      stamp sweepperm
+      timeout 200 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x4 r128" "BN128 w4 x3" \
+        "BN128 w4 x12 r128" --shapes 8192x28672 28672x8192 3584x18944 --m 4 16 --bits 4 3 --reps 15 \
+        --out "$OUT/sweepperm" 2>&1 | grep -v Warning | tee "$OUT/sweepperm.log" | tail -80 ;;
     sweepwaves)  # run 11 (untimed): the M=16 fp16-pair GEMM in 2-3 waves of k-splits (x8/x12/x16) next to one wave (x4)
       stamp sweepwaves
       timeout 240 python3 -m pipeline.evaluate.bench_kernels --sweep --only "BN128 w4 x4 r128" "x8 r128" "x12 r128" "x16 r128" \

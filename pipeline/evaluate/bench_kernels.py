@@ -135,6 +135,10 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                          "num_warps": w}))
         out.append((f"tc-h2 BM{bm} BN128 w4 x4 r128 nc256", {"impl": "gemm", "BM": bm, "BN": 128, "h2": True, "waves": 4,
                                                              "maxnreg": 128, "num_warps": 4, "evict": 2}))
+        for wv, mr, ev in ((4, 128, 2), (4, 128, 1), (3, None, 1), (12, 128, 1)):  # run 13: 16-byte word loads
+            out.append((f"tc-h2 BM{bm} BN128 w4 x{wv}{f' r{mr}' if mr else ''}{' nc256' if ev == 2 else ''} perm",
+                        {"impl": "gemm", "BM": bm, "BN": 128, "h2": True, "waves": wv, "maxnreg": mr,
+                         "num_warps": 4, "evict": ev, "perm": True}))
         if bm >= 32:  # run 13: the scale after the dot, as before (two accumulators), side by side
             for bn, w, waves, mr in [(128, 4, 3, None), (128, 4, 4, 128), (256, 8, 2, 128), (128, 8, 2, None)]:
                 out.append((f"tc-h2 BM{bm} BN{bn} w{w} x{waves}{f' r{mr}' if mr else ''} sa",

@@ -65,6 +65,10 @@ def test_all_paths_agree(bits, group, sym, dtype, gen):
                                                cfg=GemmConfig(BM=bm, BN=bn, h2=True, split=split))
             outs["gemm-h2-nc256"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype, device="cuda"),
                                          cfg=GemmConfig(BM=bm, BN=128, h2=True, split=3, evict=2))  # run 12
+            for ev in (1, 2):  # run 13: tile rows in the 16-byte-load column order (inline PTX v4 loads)
+                outs[f"gemm-h2-perm{ev}"] = gemm(x, pw, out=torch.full((m, n), float("nan"), dtype=dtype,
+                                                                       device="cuda"),
+                                                 cfg=GemmConfig(BM=bm, BN=128, h2=True, split=3, evict=ev, perm=True))
             acc = torch.zeros(m, n, dtype=torch.float32, device="cuda")
             gemm(x, pw, out=acc, cfg=GemmConfig(BM=bm, BN=64, h2=True, split=4), accumulate=True)
             outs["gemm-h2-acc"] = acc

@@ -174,9 +174,14 @@ def test_gemm_h2(bits, sym, group, gen, device):
     cfg = GemmConfig(BM=16, BN=64, h2=True, split=2)
     _run_gemm(5, 37, bits, group, sym, torch.float16, gen, device, cfg, bias=True, tile=64)
     _run_gemm(17, 130, bits, group, sym, torch.float16, gen, device, GemmConfig(BM=16, BN=128, h2=True), tile=128)
+    # tile rows in the 16-byte-load column order (run 13), split-K with bias, every scheme
+    _run_gemm(19, 300, bits, group, sym, torch.float16, gen, device,
+              GemmConfig(BM=16, BN=128, h2=True, split=2, perm=True), bias=True, tile=128)
     if group == 128:  # four 64-row slabs (two warpgroups of 8 warps on the GPU)
         _run_gemm(3, 200, bits, group, sym, torch.float16, gen, device,
                   GemmConfig(BM=16, BN=256, h2=True, num_warps=8, split=3), tile=256)
+        _run_gemm(37, 130, bits, group, sym, torch.float16, gen, device,
+                  GemmConfig(BM=32, BN=128, h2=True, perm=True), tile=128)
         # one group per k-block: the scale in the tile (the default from BM 32) and after the dot, both BMs
         for bm, after in ((32, None), (32, True), (16, False)):
             _run_gemm(37, 70, bits, group, sym, torch.float16, gen, device,
