@@ -202,30 +202,36 @@ def _index(NR: tl.constexpr, KB: tl.constexpr):
 @triton.jit
 def _columns(r, NR: tl.constexpr, PERM: tl.constexpr):
     """Memory column (within the tile) of tile row ``r = nr*64 + nh*16 + n3*8 + nl``. PERM: the rows a
-    thread holds in registers (nr, n3 of 4 warps) are adjacent columns, ``nh*16*NR + nl*2*NR + n3*NR +
-    nr``, in the order of its registers, so its words of a k-row are one 16-byte load (run 13: the words
-    alone read in 40.8 µs by 16-byte loads against 46.4 by 4-byte ones). A sum over n does not care
-    which column a row is, as long as the output, bias, scale and zero use the same map."""
+    thread holds in registers (n3, nr with 4 warps) are adjacent columns, ``nh*16*NR + nl*2*NR + nr*2 +
+    n3``, in the order of its registers, so its words of a k-row load together (run 13: the words alone
+    read in 40.8 µs by 16-byte loads against 46.4 by 4-byte ones). Triton 3.6's layout for the words
+    (TTGIR): W3 registers run n3, nr (four adjacent words: one 16-byte load); W4 n3, kb, kb, nr (pairs:
+    8-byte loads). A sum over n does not care which column a row is, as long as the output, bias,
+    scale and zero use the same map."""
     if PERM:
         nr = r // 64
         nh = (r // 16) % 4
         n3 = (r // 8) % 2
         nl = r % 8
-        r = nh * (16 * NR) + nl * (2 * NR) + n3 * NR + nr
+        r = nh * (16 * NR) + nl * (2 * NR) + nr * 2 + n3
     return r
 
 
 @triton.jit
 def _ldg(p, ASM: tl.constexpr, VEC: tl.constexpr = 1):
     """Load through inline PTX where it runs: the result keeps the layout of its address tensor. VEC 4
-    (words): one 16-byte load per four consecutive elements of a thread, addressed by the first, which
-    must be four adjacent, 16-byte aligned words (PERM's column order, ``_columns``)."""
+    (2) (words): one 16-byte (8-byte) load per four (two) consecutive elements of a thread, addressed by
+    the first, which must be that many adjacent, aligned words (PERM's column order, ``_columns``)."""
     if ASM:
         a = p.to(tl.int64, bitcast=True)
         if p.dtype.element_ty == tl.int32 and VEC == 4:
             hint: tl.constexpr = ".L2::256B" if ASM == 2 else ""
             v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate" + hint + ".v4.b32 {$0, $1, $2, $3}, [$4];",
                                           "=r,=r,=r,=r,l,l,l,l", [a], dtype=tl.int32, is_pure=True, pack=4)
+        elif p.dtype.element_ty == tl.int32 and VEC == 2:
+            hint2: tl.constexpr = ".L2::256B" if ASM == 2 else ""
+            v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate" + hint2 + ".v2.b32 {$0, $1}, [$2];",
+                                          "=r,=r,l,l", [a], dtype=tl.int32, is_pure=True, pack=2)
         elif p.dtype.element_ty == tl.int32 and ASM == 2:  # words, L2 asked for the whole 256 B block (run 12)
             v = tl.inline_asm_elementwise("ld.global.nc.L1::no_allocate.L2::256B.b32 $0, [$1];", "=r,l", [a],
                                           dtype=tl.int32, is_pure=True, pack=1)
@@ -324,7 +330,7 @@ def gemm_h2_kernel(
     # inline PTX so that they keep the fragment layout. Run 9 (NOTES.md): a tl.range cp.async ring made
     # Triton convert the decoded tile through shared memory (4.3 instead of 2.5 instructions per
     # weight), and loading 2-4 blocks ahead lost everywhere (more registers, fewer programs per SM).
-    VEC: tl.constexpr = 4 if PERM and NR == 2 else 1  # 4 warps: a thread's 4 rows are adjacent words
+    VEC: tl.constexpr = (4 if BITS == 3 else 2) if PERM and NR == 2 else 1  # see _columns
     nw0, nw1, nw2, ns, nz = _loads(words_ptr, scale_ptr, zero_ptr, it0, wbase, szbase, kb, c, BITS, SYM,
                                    PER_CHANNEL, GROUP_ROWS, T, ASM, VEC)
     for it in range(it0, it1):
