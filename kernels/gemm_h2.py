@@ -373,5 +373,8 @@ def gemm_h2_kernel(
         xsum = tl.sum(xacc, axis=1)
         acc = (acc - zoff[:, None] * xsum[None, :]) * tl.load(scale_ptr + szvec).to(tl.float32)[:, None]
     y = tl.trans(acc)  # [BM, BN]
+    if PERM:  # back to the columns' own order, once per program, so the epilogue's stores and atomics coalesce
+        y = tl.reshape(tl.permute(tl.reshape(y, (BM, NR, 4, 2, 8)), (0, 2, 4, 1, 3)), (BM, BN))
+        offs_n = pid_n * BN + tl.arange(0, BN)
     finish(y, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, cnt_ptr, pid_m * tl.num_programs(0) + pid_n,
            it0 == 0, HAS_BIAS, SPLIT, GLU, ACC, tl.num_programs(1))
