@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 from kernels.dispatch import _split, gemv, sm_count  # noqa: E402
 from kernels.gemv_h2 import _load_x, _row_dot, _stage_w, _zconst  # noqa: E402
 from kernels.tuning import GemvConfig  # noqa: E402
-from pipeline.evaluate.bench_kernels import _packed, capture, time_interleaved  # noqa: E402
+from pipeline.evaluate.bench_kernels import _packed, time_cases  # noqa: E402
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def main() -> None:
                 (4, 64, 16, 8.0, 4, GemvConfig(BN=64, R=16, waves=8.0, h2=True, evict=2))]
     for k, n in ((8192, 28672), (28672, 8192)):
         x = torch.randn(1, k, device="cuda", generator=gen).half()
-        names, timers, keep = [], [], []
+        cases = []  # the timers hold each case's function, and so its weights
         for bits, bn, r, waves, warps, cfg in variants:
             pws = [_packed(bits, 128, False, k, n, "cuda", gen) for _ in range(4)]  # 4 copies > the 50 MB L2
             pw = pws[0]
@@ -162,18 +162,13 @@ def main() -> None:
                 return lambda i: layered(x, pws[i % 4], part, level, bn, r, split, per, iters, warps, True)
 
             label = f"W{bits} BN{bn} R{r} x{waves:g} w{warps} ({n_tiles}x{split} programs)"
-            for name, fn in ((f"read only  {label}", read), (f"+decode    {label}", lay(1)),
-                             (f"+scales    {label}", lay(2)), (f"+x (loop)  {label}", lay(3)),
-                             (f"GEMV acc   {label}", mv_acc), (f"GEMV       {label}", mv)):
-                fn(0)
-                names.append(name)
-                timers.append(capture(fn, 20))
-            keep.append(pws)
-        times = time_interleaved(timers, 15)
+            cases += [(f"read only  {label}", read), (f"+decode    {label}", lay(1)),
+                      (f"+scales    {label}", lay(2)), (f"+x (loop)  {label}", lay(3)),
+                      (f"GEMV acc   {label}", mv_acc), (f"GEMV       {label}", mv)]
         print(f"{k} -> {n}, M=1", flush=True)
-        for name, us in zip(names, times):
+        for name, us in time_cases(cases):
             print(f"  {name:<62} {us:6.1f} us", flush=True)
-        del timers, keep
+        del cases
         torch.cuda.empty_cache()
 
 

@@ -21,7 +21,7 @@ import triton.language as tl  # noqa: E402
 from kernels.dispatch import _split, gemm, sm_count  # noqa: E402
 from kernels.gemm_h2 import BK_H2, _index, _loads  # noqa: E402
 from kernels.tuning import GemmConfig  # noqa: E402
-from pipeline.evaluate.bench_kernels import _packed, capture, time_interleaved  # noqa: E402
+from pipeline.evaluate.bench_kernels import _packed, time_cases  # noqa: E402
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def main() -> None:
     sms = sm_count(torch.device("cuda"))
     for k, n in ((8192, 28672), (28672, 8192)):
         x = torch.randn(16, k, device="cuda", generator=gen).half()
-        names, timers, keep = [], [], []
+        cases = []  # the timers hold each case's function, and so its weights
         for bits in (4, 3):
             pws = [_packed(bits, 128, False, k, n, "cuda", gen) for _ in range(4)]  # 4 copies > the 50 MB L2
             iters = -(-k // 128)
@@ -124,20 +124,14 @@ def main() -> None:
             def twin(level, p=pws, o=out, sp=split, pe=per, its=iters):
                 return lambda i: read(x, p[i % 4], o, level, 128, sp, pe, its)
 
-            cases = [(f"words only   {label}", twin(1)), (f"+ x and MMA  {label}", twin(2)),
-                     (f"GEMM         {label}", lambda i, p=pws, c=cfg: gemm(x, p[i % 4], cfg=c))]
             if bits == 4:
-                cases.insert(0, (f"16 B loads   {label}", twin(0)))
-            for name, fn in cases:
-                fn(0)
-                names.append(name)
-                timers.append(capture(fn, 20))
-            keep.append(pws)
-        times = time_interleaved(timers, 15)
+                cases.append((f"16 B loads   {label}", twin(0)))
+            cases += [(f"words only   {label}", twin(1)), (f"+ x and MMA  {label}", twin(2)),
+                      (f"GEMM         {label}", lambda i, p=pws, c=cfg: gemm(x, p[i % 4], cfg=c))]
         print(f"{k} -> {n}, M=16", flush=True)
-        for name, us in zip(names, times):
+        for name, us in time_cases(cases):
             print(f"  {name:<56} {us:6.1f} us", flush=True)
-        del timers, keep
+        del cases
         torch.cuda.empty_cache()
 
 

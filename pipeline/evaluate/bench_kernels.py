@@ -330,6 +330,16 @@ def time_interleaved(onces: list, reps: int) -> list[float]:
     return [statistics.median(t) for t in ts]
 
 
+def time_cases(cases: list, calls: int = 20, reps: int = 15) -> list[tuple[str, float]]:
+    """``(name, fn(i))`` cases, each run once, captured (``capture``) and then timed round-robin
+    (``time_interleaved``): ``(name, microseconds per call)``. The experiment scripts' shared loop."""
+    timers = []
+    for _, fn in cases:
+        fn(0)
+        timers.append(capture(fn, calls))
+    return list(zip([n for n, _ in cases], time_interleaved(timers, reps)))
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
     import torch

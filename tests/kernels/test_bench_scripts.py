@@ -94,3 +94,15 @@ def test_tc_read128_kernel_reads_each_programs_words(gen, device):
             for r in blk[1:]:
                 col ^= r
             assert torch.equal(out[(s * 2 + t) * 128:(s * 2 + t + 1) * 128].cpu(), col)
+
+
+def test_time_cases_runs_each_case_and_keeps_the_names_in_order():
+    """The scripts' shared timing loop: every case is warmed up, timed, and reported under its own
+    name (CPU: capture's wall-clock timer)."""
+    from pipeline.evaluate.bench_kernels import time_cases
+
+    seen = {"a": [], "b": []}
+    cases = [(n, (lambda i, n=n: seen[n].append(i))) for n in ("b", "a")]
+    out = time_cases(cases, calls=3, reps=2)
+    assert [n for n, _ in out] == ["b", "a"] and all(us >= 0 for _, us in out)
+    assert seen["a"][0] == 0 and len(seen["a"]) >= 1 + 3 * 2 and len(seen["b"]) == len(seen["a"])
