@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -125,6 +125,16 @@ for s in $STAGES; do
       stamp decodehead
       timeout 200 python3 -m pipeline.evaluate.bench_decode --variants fp16 w4 w3 w4+head w3+head w3+head4 --out "$OUT/decode" 2>&1 \
         | grep -v Warning | tee "$OUT/decode.log" ;;
+    decodewhatif)  # run 14: the batch-1 step without its RMSNorms / attention / both (timing bounds, wrong outputs)
+      stamp decodewhatif
+      for w in norm attn norm,attn; do
+        VLMQ_DECODE_WHATIF=$w timeout 110 python3 -m pipeline.evaluate.bench_decode --batch 1 --variants fp16 w4 w3 \
+          --out "$OUT/decode_whatif_${w/,/_}" 2>&1 | grep -v Warning | tee "$OUT/decode_whatif_${w/,/_}.log"
+      done ;;
+    decode1)  # batch 1 only, the default variants
+      stamp decode1
+      timeout 120 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode1" 2>&1 | grep -v Warning \
+        | tee "$OUT/decode1.log" ;;
     decodepdl)  # the same step without and with programmatic dependent launch, kernel breakdown of each
       stamp decodepdl
       timeout 120 python3 -m pipeline.evaluate.bench_decode --no-pdl --profile --batch 1 --out "$OUT/decode_nopdl" 2>&1 \

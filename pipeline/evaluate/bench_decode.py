@@ -221,6 +221,11 @@ class DecodeModel:
             self.lm_head = weight_of("lm_head.weight") if hf_model else rnd(c.vocab_size, h)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.int32, device=device)
+        # VLMQ_DECODE_WHATIF=norm,attn (timing experiments, wrong outputs): leave the RMSNorms and/or the
+        # attention out of the step, to bound what fusing or speeding them up could save
+        self.whatif = set(filter(None, os.environ.get("VLMQ_DECODE_WHATIF", "").split(",")))
+        if self.whatif - {"norm", "attn"}:
+            raise ValueError(f"VLMQ_DECODE_WHATIF: unknown {sorted(self.whatif - {'norm', 'attn'})} (norm, attn)")
         self.logits = None
 
     def fill_cache(self, upto: int, gen) -> None:
@@ -245,6 +250,12 @@ class DecodeModel:
                 return lay[name](x)
             return lay[name].accumulate(x, lay[name + "_acc"])
 
+        skip = self.whatif
+        if "norm" in skip:  # timing what-if only: the residual passed on unnormalized, nothing added
+            add_rmsnorm = lambda x, res, w, eps: res  # noqa: E731
+        if "attn" in skip:
+            attn_out = torch.zeros(self.tokens.shape[0], self.hq * self.d, dtype=self.dtype, device=self.device)
+
         x = torch.nn.functional.embedding(self.tokens, self.embed)
         res = x.clone()
         if self.acc_flat is not None:
@@ -252,7 +263,11 @@ class DecodeModel:
         normed = add_rmsnorm(None, res, self.layers[0]["in_norm"], self.eps)
         for i, lay in enumerate(self.layers):
             qkv = proj(lay, "qkv", normed)
-            attn = rope_attention(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq, self.hkv)
+            if "attn" in skip:
+                attn = attn_out
+            else:
+                attn = rope_attention(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq,
+                                      self.hkv)
             normed = add_rmsnorm(proj(lay, "o", attn), res, lay["post_norm"], self.eps)
             act = lay["gate_up"](normed) if self.glu else silu_mul(lay["gate_up"](normed))
             mlp = proj(lay, "down", act)
@@ -399,7 +414,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['transformers']}; {meta['date']}; model {meta['model']}; context {meta['context']}, "
              f"{meta['steps']} steps; programmatic dependent launch "
              f"{('on, ' + meta.get('pdl_trigger', 'late') + ' release') if meta.get('pdl') else 'off'}. "
-             "Peak GB: memory held while decoding (weights, KV cache, workspaces, graph pool), after warm-up.", "",
+             "Peak GB: memory held while decoding (weights, KV cache, workspaces, graph pool), after warm-up."
+             + (f" **What-if, wrong outputs: the step without {meta['whatif']}** (VLMQ_DECODE_WHATIF)."
+                if meta.get("whatif") else ""), "",
              "| variant | batch | ms / step | tokens/s | x fp16 | weights GB | peak GB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -448,7 +465,8 @@ def run(args) -> int:
             "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
             "model": "tiny" if args.tiny else f"Qwen2-7B shape ({config.num_hidden_layers} layers)",
             "context": args.context, "steps": args.steps, "pdl": args.pdl,
-            "pdl_trigger": os.environ.get("VLMQ_PDL_TRIGGER", "late"), "cmd": " ".join(sys.argv)}
+            "pdl_trigger": os.environ.get("VLMQ_PDL_TRIGGER", "late"), "cmd": " ".join(sys.argv),
+            "whatif": os.environ.get("VLMQ_DECODE_WHATIF", "")}
     rows, base = [], {}
     for batch in args.batch:
         for v in args.variants:

@@ -303,3 +303,28 @@ def test_decode_variant_names():
     for bad in ("w5", "w4+head5", "fp8", "w4a8+head", "w4+hed"):
         with pytest.raises(ValueError, match="variant|weight-only"):
             parse_variant(bad)
+
+
+def test_decode_whatif_leaves_out_what_it_names(monkeypatch, gen, device):
+    """VLMQ_DECODE_WHATIF (a timing experiment) really drops the RMSNorms / the attention: the step's
+    logits change, the KV cache is left unwritten without attention, and an unknown name is refused."""
+    from pipeline.evaluate.bench_decode import DecodeModel, config_for
+
+    cfg = config_for(tiny=True, layers=2)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.vocab_size = 128, 256, 4, 300
+    tok = int(torch.randint(0, 300, (1,), generator=gen))
+    logits = {}
+    for whatif in ("", "norm", "attn"):
+        monkeypatch.setenv("VLMQ_DECODE_WHATIF", whatif)
+        model = DecodeModel(cfg, "w4", 1, 16, device, group=64, seed=5)
+        model.tokens.fill_(tok)
+        model.step()
+        logits[whatif] = model.logits.float().cpu()
+        written = bool(model.layers[0]["k_cache"][:, :, 0].abs().sum() > 0)
+        assert written == (whatif != "attn")
+    assert torch.isfinite(logits[""]).all()
+    for whatif in ("norm", "attn"):
+        assert (logits[whatif] - logits[""]).abs().max() > 1e-3 * logits[""].abs().max()
+    monkeypatch.setenv("VLMQ_DECODE_WHATIF", "norm,mlp")
+    with pytest.raises(ValueError, match="mlp"):
+        DecodeModel(cfg, "w4", 1, 16, device, group=64)
