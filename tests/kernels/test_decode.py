@@ -328,3 +328,73 @@ def test_decode_whatif_leaves_out_what_it_names(monkeypatch, gen, device):
     monkeypatch.setenv("VLMQ_DECODE_WHATIF", "norm,mlp")
     with pytest.raises(ValueError, match="mlp"):
         DecodeModel(cfg, "w4", 1, 16, device, group=64)
+
+
+def test_l2_warm_table_covers_each_tile_head_once():
+    """``l2_warm_table``: the units cover rows [f0, f1) of every tile exactly once (checked byte by
+    byte against a mask built by indexing), stay 16-byte aligned and at most ``unit`` long; a 2-D
+    weight is one tile; an empty range gives None."""
+    from kernels.decode_ops import l2_warm_table
+
+    words = torch.zeros(3, 10, 8, dtype=torch.int32)  # 3 tiles, 10 rows of 32 bytes
+    scale = torch.zeros(3, 5, 8, dtype=torch.float16)  # rows of 16 bytes
+    w2d = torch.zeros(7, 24, dtype=torch.float16)  # 7 rows of 48 bytes
+    cases = [(words, 0.0, 0.35), (scale, 0.2, 0.6), (w2d, 0.5, 1.0)]
+    tab = l2_warm_table(cases, unit=48)
+    assert tab.dtype == torch.int64 and tab.shape[1] == 2
+    assert (tab[:, 0] % 16 == 0).all() and (tab[:, 1] <= 48).all() and (tab[:, 1] > 0).all()
+    for t, f0, f1 in cases:
+        nbytes = t.numel() * t.element_size()
+        got = torch.zeros(nbytes, dtype=torch.int32)
+        for a, b in tab.tolist():
+            if t.data_ptr() <= a < t.data_ptr() + nbytes:
+                got[a - t.data_ptr():a - t.data_ptr() + b] += 1
+        want = torch.zeros(t.shape if t.dim() == 3 else (1, *t.shape), dtype=torch.int32)
+        rows = want.shape[1]
+        want[:, int(f0 * rows):-(-int(f1 * rows * 100) // 100)] = 1  # rows [floor(f0 r), ceil(f1 r))
+        want = want.reshape(want.shape[0], rows, -1).repeat_interleave(t.element_size(), dim=2).flatten()
+        assert torch.equal(got, want), (t.shape, f0, f1)
+    assert l2_warm_table([(words, 0.5, 0.5)]) is None
+
+
+def test_decode_model_plans_the_warm_up_within_its_budgets(device):
+    """``DecodeModel(l2_warm_mb=(A, N))``: attention warms the whole o_proj and then gate/up up to A MB,
+    the post-attention norm the next N MB of gate/up, the norm before a layer N MB of its q/k/v; every
+    unit lies inside the tensors it names. The step's logits do not change (off the GPU the warm
+    programs are not launched at all; on it they only prefetch)."""
+    from pipeline.evaluate.bench_decode import DecodeModel, config_for
+
+    cfg = config_for(tiny=True, layers=2)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.vocab_size = 256, 1024, 4, 300
+    plain = DecodeModel(cfg, "w4", 1, 16, device, group=64, seed=2)
+    lay = plain.layers[0]
+
+    def parts(lin):
+        return [t for t in (lin.packed.words, lin.packed.scale, lin.packed.zero) if t is not None]
+
+    def size(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    o_b, gu_b, qkv_b = size(parts(lay["o"])), size(parts(lay["gate_up"])), size(parts(lay["qkv"]))
+    a_mb, n_mb = (o_b + gu_b / 4) / 1e6, (gu_b / 4) / 1e6
+    warm = DecodeModel(cfg, "w4", 1, 16, device, group=64, seed=2, l2_warm_mb=(a_mb, n_mb))
+    for lay in warm.layers:
+        tabs = {k: lay[k] for k in ("warm_attn", "warm_post", "warm_pre")}
+        inside = {k: [] for k in tabs}
+        for k, tab in tabs.items():
+            for a, b in tab.tolist():
+                owners = [name for name in ("o", "gate_up", "qkv") for t in parts(lay[name])
+                          if t.data_ptr() <= a and a + b <= t.data_ptr() + t.numel() * t.element_size()]
+                assert len(owners) == 1, (k, a, b)
+                inside[k].append(owners[0])
+        assert set(inside["warm_attn"]) == {"o", "gate_up"} and set(inside["warm_post"]) == {"gate_up"}
+        assert set(inside["warm_pre"]) == {"qkv"}
+        total = {k: int(t[:, 1].sum()) for k, t in tabs.items()}
+        # rows are warmed whole (rounded up per tile), so each budget is met to within a row per tile
+        assert abs(total["warm_attn"] - (o_b + gu_b / 4)) <= 0.05 * gu_b
+        assert abs(total["warm_post"] - gu_b / 4) <= 0.05 * gu_b
+        assert total["warm_pre"] == qkv_b  # the budget is larger than q/k/v: all of it
+    for m in (plain, warm):
+        m.tokens.fill_(7)
+        m.step()
+    assert torch.equal(plain.logits, warm.logits)

@@ -201,3 +201,56 @@ def test_bench_capture_keeps_its_inputs_alive():
     assert once() > 0
     torch.cuda.synchronize()
     assert float(dst.min()) == float(dst.max()) == 3.0
+
+
+def test_l2_warm_programs_change_no_output(gen):
+    """The glue kernels' warm programs (``warm=``: bulk L2 prefetch, PDL on) leave the attention and
+    the RMSNorm outputs bit-identical, write nothing else, and a 2-layer 7B step with the warm-up
+    replayed in a graph gives the logits of the step without it."""
+    from kernels import pdl
+    from kernels.decode_ops import add_rmsnorm, l2_warm_table, rope_attention
+    from pipeline.evaluate.bench_decode import DecodeModel, capture_step, config_for
+
+    g = torch.Generator(device="cuda")
+    g.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    big = torch.randn(64 << 20, device="cuda", generator=g).half()  # 128 MB to warm
+    tab = l2_warm_table([(big.view(256, -1), 0.0, 0.6)])
+    hq, hkv, d, length = 28, 4, 128, 256
+    qkv = torch.randn(1, (hq + 2 * hkv) * d, device="cuda", generator=g).half()
+    kc = torch.randn(1, hkv, length, d, device="cuda", generator=g).half()
+    vc = torch.randn(1, hkv, length, d, device="cuda", generator=g).half()
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    pos = torch.tensor([200], dtype=torch.int32, device="cuda")
+    res = torch.randn(1, 3584, device="cuda", generator=g).half()
+    x = torch.randn(1, 3584, device="cuda", generator=g)
+    w = torch.randn(3584, device="cuda", generator=g).half()
+    with pdl.programmatic_launch(True):
+        outs = {}
+        for warm in (None, tab):
+            k2, v2, r2 = kc.clone(), vc.clone(), res.clone()
+            a = rope_attention(qkv, inv, pos, k2, v2, hq, hkv, warm=warm)
+            n = add_rmsnorm(x, r2, w, 1e-6, warm=warm)
+            torch.cuda.synchronize()
+            outs[warm is None] = (a, n, k2, v2, r2)
+    for got, want in zip(outs[False], outs[True]):
+        assert torch.equal(got, want)
+
+    cfg = config_for(tiny=False, layers=2)
+    models = {mb: DecodeModel(cfg, "w4", 1, 64, "cuda", 128, seed=3, l2_warm_mb=mb) for mb in ((0, 0), (24, 8))}
+    toks = torch.randint(0, cfg.vocab_size, (4,), device="cuda", generator=g)
+    logits = {}
+    with torch.no_grad(), pdl.programmatic_launch(True):
+        for mb, m in models.items():
+            m.fill_cache(20, torch.Generator(device="cuda").manual_seed(5))
+            m.step()
+            m.pos.fill_(20)
+            graph = capture_step(m)
+            m.pos.fill_(20)
+            logits[mb] = []
+            for t in toks:
+                m.tokens.fill_(int(t))
+                graph.replay()
+                logits[mb].append(m.logits.float().clone())
+    assert models[(24, 8)].layers[0]["warm_attn"] is not None
+    for a, b in zip(logits[(24, 8)], logits[(0, 0)]):
+        assert float((a - b).norm() / b.norm()) < 2e-3
