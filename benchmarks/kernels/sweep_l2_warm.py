@@ -1,5 +1,5 @@
-"""Run 14: the batch-1 decode step with different L2 warm-up budgets, side by side in one process (so
-every setting runs the same autotuner choices), two rounds, fp16 / W4 / W3. GPU only.
+"""Run 14: the batch-1 decode step with different L2 warm-up budgets, side by side in one process (each model
+built once, so every setting runs the same autotuner choices), two rounds, fp16 / W4 / W3. GPU only.
 
     PYTHONPATH=$PWD python3 benchmarks/kernels/sweep_l2_warm.py --settings 0,0 16,4 24,8 32,8 --out out/warm
 """
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def main() -> int:
-    from pipeline.evaluate.bench_decode import bench_one, config_for
+    from pipeline.evaluate.bench_decode import DecodeModel, config_for, time_steps
 
     p = argparse.ArgumentParser()
     p.add_argument("--settings", nargs="+", default=["0,0", "16,4", "24,8", "32,8"], help="ATTN_MB,NORM_MB pairs")
@@ -24,16 +24,24 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--out", default="warm-sweep")
     a = p.parse_args()
+    import torch
+
     config = config_for(False)
     settings = [tuple(float(x) for x in s.split(",")) for s in a.settings]
+    models = {}
+    for v in a.variants:  # each built once; only the warm plan changes between settings
+        m = DecodeModel(config, v, 1, 128 + a.steps + 8, "cuda", 128)
+        m.fill_cache(128, torch.Generator(device="cuda").manual_seed(1))
+        models[v] = m
     rows = []
     for rnd in range(a.rounds):
-        for v in a.variants:
-            for mb in settings:
-                r = bench_one(config, v, 1, 128, a.steps, 128, True, False, mb)
-                r.update(round=rnd, l2_warm_mb=list(mb))
-                rows.append(r)
-                print(f"round {rnd} {v:5} warm {mb[0]:g}/{mb[1]:g} MB: {r['ms_per_step']:.3f} ms/step", flush=True)
+        for mb in settings:
+            for v, m in models.items():
+                m._plan_l2_warm(*mb)
+                m.pos.fill_(128)
+                ms, _ = time_steps(m, 128, a.steps)
+                rows.append({"variant": v, "l2_warm_mb": list(mb), "round": rnd, "ms_per_step": ms})
+                print(f"round {rnd} {v:5} warm {mb[0]:g}/{mb[1]:g} MB: {ms:.3f} ms/step", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "warm.json"), "w") as f:
         json.dump(rows, f, indent=1)
