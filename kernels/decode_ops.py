@@ -8,8 +8,6 @@ after step), and computes in fp32, rounding once on store.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -31,84 +29,13 @@ def _prior_done(PDL: tl.constexpr):
         launch_dependents()
 
 
-# PTX (sm_90): when $2 != 0, ask for the $2 bytes at $1 to be brought into L2 -- a bulk prefetch, a hint
-# that holds no registers and returns nothing
-_L2_BULK: tl.constexpr = tl.constexpr("""{
-.reg .pred p;
-setp.ne.u32 p, $2, 0;
-@p cp.async.bulk.prefetch.L2.global [$1], $2;
-mov.u32 $0, 0;
-}""")
-
-
 @triton.jit
-def _warm_l2(tab_ptr, n, w, nw, PDL: tl.constexpr, TH: tl.constexpr):
-    """Warmer ``w`` of ``nw``: bulk-prefetch into L2 the units ``w * TH + t``, then every ``nw * TH``, of
-    an ``(address, bytes)`` table (``l2_warm_table``). No wait on the previous grid: weights do not
-    depend on it, and the point is to use DRAM while a short glue kernel leaves it idle."""
-    if PDL:
-        launch_dependents()
-    t = tl.arange(0, TH)
-    for u0 in range(w * TH, n, nw * TH):
-        u = u0 + t
-        m = u < n
-        a = tl.load(tab_ptr + 2 * u, mask=m, other=0)
-        b = tl.load(tab_ptr + 2 * u + 1, mask=m, other=0).to(tl.int32)
-        tl.inline_asm_elementwise(_L2_BULK, "=r,l,r", [a, b], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def l2_warm_table(regions: list[tuple[torch.Tensor, float, float]], unit: int = 8192) -> torch.Tensor | None:
-    """The ``(address, bytes)`` units, int64 ``[n, 2]`` on the tensors' device, covering rows
-    ``[f0 * rows, f1 * rows)`` of every tile of each ``(tensor, f0, f1)``: a packed tensor
-    ``[tiles, rows, ...]`` (kernel layout, ``kernels.layout``: every GEMV program starts at the head
-    of its tile, so a head fraction of every tile is what the first iterations of all programs read)
-    or a 2-D weight ``[rows, k]`` (one tile). Units are 16-byte aligned, at most ``unit`` bytes, and
-    stay inside their rows. None when there is nothing to warm."""
-    units: list[tuple[int, int]] = []
-    device = None
-    for t, f0, f1 in regions:
-        if t is None or f1 <= f0:
-            continue
-        if not t.is_contiguous():
-            raise ValueError("l2_warm_table needs contiguous tensors")
-        device = t.device
-        tiles, rows = (t.shape[0], t.shape[1]) if t.dim() >= 3 else (1, t.shape[0])
-        row_bytes = t.numel() // (tiles * rows) * t.element_size()
-        r0, r1 = int(max(0.0, f0) * rows), min(rows, math.ceil(min(1.0, f1) * rows))
-        for i in range(tiles if r1 > r0 else 0):
-            a = t.data_ptr() + (i * rows + r0) * row_bytes
-            end = (t.data_ptr() + (i * rows + r1) * row_bytes) // 16 * 16
-            a = -(-a // 16) * 16
-            units += [(s, min(unit, end - s)) for s in range(a, end, unit)]
-    if not units:
-        return None
-    return torch.tensor(units, dtype=torch.int64, device=device)
-
-
-def _warm_args(warm: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if warm is None:
-        return like, 0
-    if warm.dtype != torch.int64 or warm.dim() != 2 or warm.shape[1] != 2:
-        raise ValueError("warm must be an int64 [n, 2] (address, bytes) table from l2_warm_table")
-    return warm, warm.shape[0]
-
-
-@triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, warm_ptr, n_warm, HAS_X: tl.constexpr,
-                        BLOCK: tl.constexpr, PDL: tl.constexpr, WP: tl.constexpr, TH: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, HAS_X: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    _prior_done(PDL)
     row = tl.program_id(0)
-    if WP > 0:
-        if row >= tl.num_programs(0) - WP:  # a warmer (launched with warm programs: GPU only)
-            _warm_l2(warm_ptr, n_warm, row - (tl.num_programs(0) - WP), WP, PDL, TH)
-        else:
-            _prior_done(PDL)
-    else:
-        _prior_done(PDL)
     offs = tl.arange(0, BLOCK)
-    n_live = N
-    if WP > 0:  # warmers touch nothing here
-        n_live = tl.where(row < tl.num_programs(0) - WP, N, 0)
-    mask = offs < n_live
+    mask = offs < N
     h = tl.load(res_ptr + row * N + offs, mask=mask, other=0.0)
     if HAS_X:
         # x rounded to the residual's dtype first: an fp32 x (a GEMV's accumulation buffer) adds
@@ -123,23 +50,16 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, warm_ptr, n_warm
     tl.store(out_ptr + row * N + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-WARMERS = 32  # warm programs per glue launch
-
-
 def add_rmsnorm(x: torch.Tensor | None, res: torch.Tensor, w: torch.Tensor, eps: float,
-                out: torch.Tensor | None = None, warm: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``res += x`` (in place, model dtype), then ``RMSNorm(res) * w`` as transformers computes it.
-    ``x`` may be fp32 (a GEMV's accumulation buffer): it is rounded to ``res``'s dtype first.
-    ``warm`` (GPU): an ``l2_warm_table`` that extra programs bulk-prefetch into L2 meanwhile (the next
-    projection's weights, while this one-program kernel leaves DRAM idle)."""
+    ``x`` may be fp32 (a GEMV's accumulation buffer): it is rounded to ``res``'s dtype first."""
     m, n = res.shape
     out = torch.empty_like(res) if out is None else out
     pdl = pdl_active(res.device)
-    wt, nw = _warm_args(warm, res)
-    wp = WARMERS if nw and res.is_cuda else 0
-    _add_rmsnorm_kernel[(m + wp,)](res if x is None else x, res, w, out, n, eps, wt, nw, HAS_X=x is not None,
-                                   BLOCK=triton.next_power_of_2(n), PDL=pdl, WP=wp, TH=256, num_warps=8,
-                                   **launch_kwargs(pdl))
+    _add_rmsnorm_kernel[(m,)](res if x is None else x, res, w, out, n, eps, HAS_X=x is not None,
+                              BLOCK=triton.next_power_of_2(n), PDL=pdl, num_warps=8,
+                              **launch_kwargs(pdl))
     return out
 
 
@@ -278,9 +198,8 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, block: int) -> torc
 
 @triton.jit
 def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr, ws_ptr, cnt_ptr, stride_qkv, L,
-                      scale, warm_ptr, n_warm, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      BL: tl.constexpr, NS: tl.constexpr, GP: tl.constexpr, GM: tl.constexpr, PDL: tl.constexpr,
-                      WP: tl.constexpr, TH: tl.constexpr):
+                      scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
+                      NS: tl.constexpr, GP: tl.constexpr, GM: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv head j, split s): rotary on the G = HQ / HKV query heads of j (rows of a
     [GP >= 16, D] tile, for ``tl.dot``) and on j's new k; attention of those heads over the cache
     blocks of split s (positions below ``pos``) plus, in the last split, the new token from
@@ -291,18 +210,11 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
     W4 decode step. Here each K/V block is read once for its whole GQA group and the scores and the
     P.V products run on tensor cores; the blocks below ``pos`` are spread over at most NS splits
     (splits past the work exit at once), each writes (max, sum, acc) per head to ``ws``, and the
-    split that arrives last (per-group counter) merges them. Programs with ``sid >= NS`` (WP per (b, j);
-    GPU only) are warmers (``_warm_l2``): they skip the attention (``sid >= n_act``)."""
+    split that arrives last (per-group counter) merges them."""
+    _prior_done(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
     sid = tl.program_id(2)
-    if WP > 0:
-        if sid >= NS:
-            _warm_l2(warm_ptr, n_warm, (b * HKV + j) * WP + sid - NS, tl.num_programs(0) * HKV * WP, PDL, TH)
-        else:
-            _prior_done(PDL)
-    else:
-        _prior_done(PDL)
     G: tl.constexpr = HQ // HKV
     p = tl.load(pos_ptr)
     nb = p // BL + 1  # blocks holding positions [0, p]
@@ -400,15 +312,13 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
 
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
-                   block: int = 32, splits: int = 8, num_warps: int = 2,
-                   warm: torch.Tensor | None = None) -> torch.Tensor:
+                   block: int = 32, splits: int = 8, num_warps: int = 2) -> torch.Tensor:
     """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention): one
     program per (sequence, kv head, split), the cache blocks of ``block`` positions spread over at
     most ``splits`` of them. Returns ``[B, hq * D]`` and leaves the new k, v in the caches at
     ``pos``. Head dim a power of 2 >= 16 and ``block`` >= 16 (tensor-core tiles). ``qkv`` may be
     fp32 (a GEMV's accumulation buffer; rounded to the cache dtype as it is read); ``out`` has the
-    cache's dtype. ``warm`` (GPU): an ``l2_warm_table`` that extra programs bulk-prefetch into L2
-    meanwhile -- the next projections' weights, while the attention's few programs leave DRAM idle."""
+    cache's dtype."""
     b = qkv.shape[0]
     d, length = k_cache.shape[-1], k_cache.shape[2]
     if hq % hkv:
@@ -422,11 +332,8 @@ def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
 
     ws, cnt = workspace(qkv.device, b * hq * ns * (d + 2), b * hkv, pool="attention")
     pdl = pdl_active(qkv.device)
-    wt, nw = _warm_args(warm, ws)
-    wp = max(1, WARMERS // (b * hkv)) if nw and qkv.is_cuda else 0
-    _rope_attn_kernel[(b, hkv, ns + wp)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
-                                         d**-0.5, wt, nw, HQ=hq, HKV=hkv, D=d, BL=block, NS=ns,
-                                         GP=max(16, triton.next_power_of_2(g)), GM=triton.next_power_of_2(g),
-                                         PDL=pdl, WP=wp, TH=32 * num_warps, num_warps=num_warps,
-                                         **launch_kwargs(pdl))
+    _rope_attn_kernel[(b, hkv, ns)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
+                                    d**-0.5, HQ=hq, HKV=hkv, D=d, BL=block, NS=ns,
+                                    GP=max(16, triton.next_power_of_2(g)), GM=triton.next_power_of_2(g), PDL=pdl,
+                                    num_warps=num_warps, **launch_kwargs(pdl))
     return out

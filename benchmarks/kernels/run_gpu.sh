@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif warmsweep testswarm decode1 decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -131,14 +131,6 @@ for s in $STAGES; do
         VLMQ_DECODE_WHATIF=$w timeout 110 python3 -m pipeline.evaluate.bench_decode --batch 1 --variants fp16 w4 w3 \
           --out "$OUT/decode_whatif_${w/,/_}" 2>&1 | grep -v Warning | tee "$OUT/decode_whatif_${w/,/_}.log"
       done ;;
-    warmsweep)  # run 14: L2 warm-up budgets during attention / norms, one process, two rounds
-      stamp warmsweep
-      timeout 330 python3 benchmarks/kernels/sweep_l2_warm.py --settings 0,0 12,4 24,8 36,8 24,0 --rounds 2 \
-        --out "$OUT/warmsweep" 2>&1 | grep -v Warning | tee "$OUT/warmsweep.log" | tail -12 ;;
-    testswarm)  # run 14: the warm-up's GPU test and the decode-step tests
-      stamp testswarm
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_gpu.py -k "warm or pdl_decode" 2>&1 \
-        | grep -v Warning | tail -8 | tee "$OUT/testswarm.log" ;;
     decode1)  # batch 1 only, the default variants
       stamp decode1
       timeout 120 python3 -m pipeline.evaluate.bench_decode --batch 1 --out "$OUT/decode1" 2>&1 | grep -v Warning \

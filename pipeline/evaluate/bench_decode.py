@@ -32,7 +32,6 @@ import time
 QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, max_position_embeddings=32768,
                 tie_word_embeddings=False)
-L2_WARM_MB = (24.0, 8.0)  # run 14 sweep
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1000, rms_norm_eps=1e-6, max_position_embeddings=2048,
             tie_word_embeddings=False)
@@ -59,12 +58,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also trace a few replayed steps and write decode_profile.md: GPU time per step by "
                         "kernel and grid (which layer is which), and how much of the step no kernel runs")
-    p.add_argument("--l2-warm", nargs=2, type=float, default=list(L2_WARM_MB), metavar=("ATTN_MB", "NORM_MB"),
-                   help="megabytes of the next projections' weights that extra programs of the attention and of "
-                        "each RMSNorm bulk-prefetch into L2 while those short kernels leave DRAM idle: the o_proj "
-                        "then the head of gate/up during attention, more gate/up during the post-attention norm, "
-                        "the next layer's q/k/v during the other (every variant, fp16 included; 0 0: off; "
-                        f"default {L2_WARM_MB[0]:g} {L2_WARM_MB[1]:g})")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch of our kernels (Hopper+): each may start streaming "
                         "weights while the previous one finishes (kernels/pdl.py); --no-pdl to compare")
@@ -123,7 +116,7 @@ class DecodeModel:
     builds each (fused) projection, so the fp16 and packed variants share everything else."""
 
     def __init__(self, config, variant: str, batch: int, max_len: int, device, group: int | None = 128,
-                 seed: int = 0, hf_model=None, l2_warm_mb: tuple[float, float] = (0.0, 0.0)):
+                 seed: int = 0, hf_model=None):
         import torch
         from torch import nn
 
@@ -233,32 +226,6 @@ class DecodeModel:
         self.whatif = set(filter(None, os.environ.get("VLMQ_DECODE_WHATIF", "").split(",")))
         if self.whatif - {"norm", "attn"}:
             raise ValueError(f"VLMQ_DECODE_WHATIF: unknown {sorted(self.whatif - {'norm', 'attn'})} (norm, attn)")
-        self._plan_l2_warm(*l2_warm_mb)
-
-    def _plan_l2_warm(self, attn_mb: float, norm_mb: float) -> None:
-        """Per layer, what the glue kernels bulk-prefetch into L2 (``kernels.decode_ops.l2_warm_table``):
-        attention: the o_proj, then the head of every gate/up tile; the post-attention norm: the next
-        stretch of gate/up; the norm before a layer: the head of its q/k/v. Why: at batch 1 these kernels
-        run ~8 and ~2.5 µs with DRAM idle (run 14: the step without attention is 8 µs a layer faster)."""
-        from kernels.decode_ops import l2_warm_table
-
-        def streamed(lin) -> list:
-            if hasattr(lin, "packed"):
-                return [lin.packed.words, lin.packed.scale, lin.packed.zero]
-            return [lin.weight]
-
-        def nbytes(ts) -> int:
-            return sum(t.numel() * t.element_size() for t in ts if t is not None)
-
-        a, n = attn_mb * 1e6, norm_mb * 1e6
-        for lay in self.layers:
-            o, gu, qkv = streamed(lay["o"]), streamed(lay["gate_up"]), streamed(lay["qkv"])
-            fo = min(1.0, a / nbytes(o))
-            f1 = min(1.0, max(0.0, a - nbytes(o)) / nbytes(gu))
-            f2 = min(1.0, f1 + n / nbytes(gu))
-            lay["warm_attn"] = l2_warm_table([(t, 0.0, fo) for t in o] + [(t, 0.0, f1) for t in gu])
-            lay["warm_post"] = l2_warm_table([(t, f1, f2) for t in gu])
-            lay["warm_pre"] = l2_warm_table([(t, 0.0, min(1.0, n / nbytes(qkv))) for t in qkv])
         self.logits = None
 
     def fill_cache(self, upto: int, gen) -> None:
@@ -285,7 +252,7 @@ class DecodeModel:
 
         skip = self.whatif
         if "norm" in skip:  # timing what-if only: the residual passed on unnormalized, nothing added
-            add_rmsnorm = lambda x, res, w, eps, warm=None: res  # noqa: E731
+            add_rmsnorm = lambda x, res, w, eps: res  # noqa: E731
         if "attn" in skip:
             attn_out = torch.zeros(self.tokens.shape[0], self.hq * self.d, dtype=self.dtype, device=self.device)
 
@@ -293,20 +260,19 @@ class DecodeModel:
         res = x.clone()
         if self.acc_flat is not None:
             self.acc_flat.zero_()
-        normed = add_rmsnorm(None, res, self.layers[0]["in_norm"], self.eps, warm=self.layers[0]["warm_pre"])
+        normed = add_rmsnorm(None, res, self.layers[0]["in_norm"], self.eps)
         for i, lay in enumerate(self.layers):
             qkv = proj(lay, "qkv", normed)
             if "attn" in skip:
                 attn = attn_out
             else:
                 attn = rope_attention(qkv, self.inv_freq, self.pos, lay["k_cache"], lay["v_cache"], self.hq,
-                                      self.hkv, warm=lay["warm_attn"])
-            normed = add_rmsnorm(proj(lay, "o", attn), res, lay["post_norm"], self.eps, warm=lay["warm_post"])
+                                      self.hkv)
+            normed = add_rmsnorm(proj(lay, "o", attn), res, lay["post_norm"], self.eps)
             act = lay["gate_up"](normed) if self.glu else silu_mul(lay["gate_up"](normed))
             mlp = proj(lay, "down", act)
-            last = i + 1 == len(self.layers)
-            normed = add_rmsnorm(mlp, res, self.norm if last else self.layers[i + 1]["in_norm"], self.eps,
-                                 warm=None if last else self.layers[i + 1]["warm_pre"])
+            nxt = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
+            normed = add_rmsnorm(mlp, res, nxt, self.eps)
         if isinstance(self.lm_head, torch.Tensor):
             self.logits = torch.nn.functional.linear(normed, self.lm_head)
         else:
@@ -387,15 +353,22 @@ def summarize_kernels(events: list[dict], steps: int) -> dict:
     return {"span_us_per_step": span / steps, "kernel_us_per_step": busy / steps, "rows": rows}
 
 
-def time_steps(model: DecodeModel, context: int, steps: int, pdl: bool = True):
-    """Milliseconds per step of ``model`` replayed as one CUDA graph from position ``context``, and the
-    graph. Resets the peak-memory counter after the warm-up: the peak is then what decoding holds
-    (weights, cache, workspaces, the graph's pool), not the construction of random packed weights nor
-    the autotuner's first calls (run 9-10: 16-20 GB for the +head rows, all of it packing the head)."""
+def bench_one(config, variant: str, batch: int, context: int, steps: int, group: int | None,
+              pdl: bool = True, profile: bool = False) -> dict:
     import torch
 
-    from kernels.pdl import programmatic_launch
+    from kernels.pdl import mode, programmatic_launch
 
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = DecodeModel(config, variant, batch, context + steps + 8, "cuda", group)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(1)
+    model.fill_cache(context, gen)
+    model.tokens.copy_(torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen))
+    with programmatic_launch(pdl):
+        pdl_mode = mode(torch.device("cuda"))
     with torch.no_grad(), programmatic_launch(pdl):
         for _ in range(2):  # eager: compiles kernels, sizes the split-K workspace
             model.step()
@@ -406,6 +379,9 @@ def time_steps(model: DecodeModel, context: int, steps: int, pdl: bool = True):
             g.replay()
         model.pos.fill_(context)
         torch.cuda.synchronize()
+        # peak from here: what decoding holds (weights, cache, workspaces, the graph's pool), not the
+        # construction of random packed weights nor the autotuner's first calls (run 9-10: 16-20 GB
+        # for the +head rows, all of it the packing of a random 152k x 3584 head)
         torch.cuda.reset_peak_memory_stats()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -413,26 +389,7 @@ def time_steps(model: DecodeModel, context: int, steps: int, pdl: bool = True):
             g.replay()
         b.record()
         b.synchronize()
-    return a.elapsed_time(b) / steps, g
-
-
-def bench_one(config, variant: str, batch: int, context: int, steps: int, group: int | None,
-              pdl: bool = True, profile: bool = False, l2_warm_mb: tuple[float, float] = (0.0, 0.0)) -> dict:
-    import torch
-
-    from kernels.pdl import mode, programmatic_launch
-
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    model = DecodeModel(config, variant, batch, context + steps + 8, "cuda", group, l2_warm_mb=l2_warm_mb)
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(1)
-    model.fill_cache(context, gen)
-    model.tokens.copy_(torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen))
-    with programmatic_launch(pdl):
-        pdl_mode = mode(torch.device("cuda"))
-    ms, g = time_steps(model, context, steps, pdl)
+    ms = a.elapsed_time(b) / steps
     prof = profile_graph(g, 8) if profile else None
     r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "pdl": pdl_mode, "ms_per_step": ms,
          "tokens_per_s": batch * 1000.0 / ms, "weights_gb": model.weight_bytes() / 1e9,
@@ -456,9 +413,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
              f"{meta['transformers']}; {meta['date']}; model {meta['model']}; context {meta['context']}, "
              f"{meta['steps']} steps; programmatic dependent launch "
-             f"{('on, ' + meta.get('pdl_trigger', 'late') + ' release') if meta.get('pdl') else 'off'}; "
-             f"L2 warm-up {'{:g} / {:g} MB'.format(*meta['l2_warm_mb']) if any(meta.get('l2_warm_mb') or ()) else 'off'}"
-             ". "
+             f"{('on, ' + meta.get('pdl_trigger', 'late') + ' release') if meta.get('pdl') else 'off'}. "
              "Peak GB: memory held while decoding (weights, KV cache, workspaces, graph pool), after warm-up."
              + (f" **What-if, wrong outputs: the step without {meta['whatif']}** (VLMQ_DECODE_WHATIF)."
                 if meta.get("whatif") else ""), "",
@@ -511,13 +466,12 @@ def run(args) -> int:
             "model": "tiny" if args.tiny else f"Qwen2-7B shape ({config.num_hidden_layers} layers)",
             "context": args.context, "steps": args.steps, "pdl": args.pdl,
             "pdl_trigger": os.environ.get("VLMQ_PDL_TRIGGER", "late"), "cmd": " ".join(sys.argv),
-            "whatif": os.environ.get("VLMQ_DECODE_WHATIF", ""), "l2_warm_mb": list(args.l2_warm)}
+            "whatif": os.environ.get("VLMQ_DECODE_WHATIF", "")}
     rows, base = [], {}
     for batch in args.batch:
         for v in args.variants:
             try:
-                r = bench_one(config, v, batch, args.context, args.steps, args.group or None, args.pdl, args.profile,
-                              tuple(args.l2_warm))
+                r = bench_one(config, v, batch, args.context, args.steps, args.group or None, args.pdl, args.profile)
             except Exception as e:
                 print(f"FAILED {v} batch {batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
