@@ -197,6 +197,32 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, block: int) -> torc
 
 
 @triton.jit
+def _kv_block(kbase, vbase, blk, p, BL: tl.constexpr, D: tl.constexpr):
+    """Cache block ``blk`` of one kv head: the two halves of K (for the rotated q halves) and V, the
+    positions at or past ``p`` masked; and that mask."""
+    ls = blk * BL + tl.arange(0, BL)
+    lm = ls < p
+    half = tl.arange(0, D // 2)
+    ka = tl.load(kbase + ls[:, None] * D + half[None, :], mask=lm[:, None], other=0.0)
+    kz = tl.load(kbase + ls[:, None] * D + D // 2 + half[None, :], mask=lm[:, None], other=0.0)
+    v = tl.load(vbase + ls[:, None] * D + tl.arange(0, D)[None, :], mask=lm[:, None], other=0.0)
+    return ka, kz, v, lm
+
+
+@triton.jit
+def _attend(qa, qb, ka, kz, v, lm, m_i, l_i, acc, scale):
+    """One cache block into the online softmax of the [GP, D] query tile (scores and P.V by tl.dot)."""
+    sc = (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))) * scale  # [GP, BL]
+    sc = tl.where(lm[None, :], sc, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    pr = tl.exp(sc - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr, ws_ptr, cnt_ptr, stride_qkv, L,
                       scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BL: tl.constexpr,
                       NS: tl.constexpr, GP: tl.constexpr, GM: tl.constexpr, PDL: tl.constexpr):
@@ -210,8 +236,10 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
     W4 decode step. Here each K/V block is read once for its whole GQA group and the scores and the
     P.V products run on tensor cores; the blocks below ``pos`` are spread over at most NS splits
     (splits past the work exit at once), each writes (max, sum, acc) per head to ``ws``, and the
-    split that arrives last (per-group counter) merges them."""
-    _prior_done(PDL)
+    split that arrives last (per-group counter) merges them. The position, the split's first cache
+    block and the rotary frequencies are loaded before waiting on the previous grid (PDL): none of
+    them is written by it (the cache below ``pos`` by earlier steps, ``pos`` at the end of the last
+    one), so their latency overlaps the qkv GEMV's end."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     sid = tl.program_id(2)
@@ -220,13 +248,18 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
     nb = p // BL + 1  # blocks holding positions [0, p]
     per = (nb + NS - 1) // NS
     n_act = (nb + per - 1) // per  # splits with work
+    kbase = k_cache + (b * HKV + j) * L * D
+    vbase = v_cache + (b * HKV + j) * L * D
+    ka0, kz0, v0, lm0 = _kv_block(kbase, vbase, sid * per, p, BL, D)  # all masked past the work
+    half = tl.arange(0, D // 2)
+    freq = tl.load(inv_freq_ptr + half)
+    _prior_done(PDL)
     if sid < n_act:
         gi = tl.arange(0, GP)
         gm = gi < G
         qh = j * G + gi
-        half = tl.arange(0, D // 2)
         d = tl.arange(0, D)
-        ang = p.to(tl.float32) * tl.load(inv_freq_ptr + half)
+        ang = p.to(tl.float32) * freq
         c = tl.cos(ang)
         sn = tl.sin(ang)
         row = qkv_ptr + b * stride_qkv
@@ -243,8 +276,6 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
         kr1 = (k1 * c - k2 * sn).to(DT)
         kr2 = (k2 * c + k1 * sn).to(DT)
         vn = tl.load(row + (HQ + HKV + j) * D + d).to(DT)
-        kbase = k_cache + (b * HKV + j) * L * D
-        vbase = v_cache + (b * HKV + j) * L * D
         if sid == 0:
             tl.store(kbase + p * D + half, kr1)
             tl.store(kbase + p * D + D // 2 + half, kr2)
@@ -256,21 +287,10 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
         m_i = tl.where(last, s_new, -float("inf"))
         l_i = tl.where(last, 1.0, 0.0) + tl.zeros([GP], tl.float32)
         acc = tl.where(last, 1.0, 0.0) * vn.to(tl.float32)[None, :] + tl.zeros([GP, D], tl.float32)
-        b1 = tl.minimum(sid * per + per, nb)
-        for blk in range(sid * per, b1):
-            ls = blk * BL + tl.arange(0, BL)
-            lm = ls < p
-            ka = tl.load(kbase + ls[:, None] * D + half[None, :], mask=lm[:, None], other=0.0)
-            kz = tl.load(kbase + ls[:, None] * D + D // 2 + half[None, :], mask=lm[:, None], other=0.0)
-            v = tl.load(vbase + ls[:, None] * D + d[None, :], mask=lm[:, None], other=0.0)
-            sc = (tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))) * scale  # [GP, BL]
-            sc = tl.where(lm[None, :], sc, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            pr = tl.exp(sc - m_new[:, None])
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(pr, axis=1)
-            m_i = m_new
+        m_i, l_i, acc = _attend(qa, qb, ka0, kz0, v0, lm0, m_i, l_i, acc, scale)
+        for blk in range(sid * per + 1, tl.minimum(sid * per + per, nb)):
+            ka, kz, v, lm = _kv_block(kbase, vbase, blk, p, BL, D)
+            m_i, l_i, acc = _attend(qa, qb, ka, kz, v, lm, m_i, l_i, acc, scale)
         if n_act == 1:
             tl.store(out_ptr + (b * HQ + qh)[:, None] * D + d[None, :],
                      (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None])
