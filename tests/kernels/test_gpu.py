@@ -201,3 +201,47 @@ def test_bench_capture_keeps_its_inputs_alive():
     assert once() > 0
     torch.cuda.synchronize()
     assert float(dst.min()) == float(dst.max()) == 3.0
+
+
+@pytest.mark.parametrize("bits,r", [(4, 16), (3, 4)])
+def test_pdl_gemv_two_stages_read_x_after_the_wait(bits, r, gen):
+    """A depth-2 fp16-pair GEMV loads two iterations of weights before its PDL wait (decode's short
+    layers). Replayed in a graph right behind the RMSNorm that writes its x, with a fresh residual each
+    replay, it must give what a plain launch gives: an x read before the wait would be last replay's."""
+    from kernels import pdl
+    from kernels.decode_ops import add_rmsnorm
+
+    k, n = 3584, 4608
+    qw = random_qweight(n, k, bits, 128, False, torch.float16, gen)
+    pw = pack(qw, device="cuda")
+    g = torch.Generator(device="cuda")
+    g.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    res = torch.randn(1, k, device="cuda", generator=g).half()
+    w = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).half()
+    xbuf = torch.empty_like(res)
+    acc = torch.zeros(1, n, device="cuda")
+    cfg = GemvConfig(BN=64, R=r, h2=True, depth=2, split=4)
+    with pdl.programmatic_launch(True):
+        assert pdl.active(torch.device("cuda"))
+
+        def step():
+            acc.zero_()
+            add_rmsnorm(None, res, w, 1e-6, out=xbuf)
+            gemv(xbuf, pw, out=acc, cfg=cfg, accumulate=True)
+
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.cuda.graph(graph):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        for _ in range(4):
+            res.copy_(torch.randn(1, k, device="cuda", generator=g).half())
+            graph.replay()
+            got = acc.clone()
+            with pdl.programmatic_launch(False):
+                want = gemv(add_rmsnorm(None, res.clone(), w, 1e-6), pw, cfg=GemvConfig(BN=64, R=r, h2=True))
+            err = float((got - want.float()).norm() / want.float().norm())
+            assert err < 2e-3, err

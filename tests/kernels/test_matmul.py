@@ -70,10 +70,12 @@ def test_gemv_h2_x_where_used(bits, group, gen, device):
 def test_gemv_h2_iteration_spans_groups(bits, group, k, r, gen, device):
     """R wider than a 128-k block: one iteration over several groups, each row with its own group's
     scale and zero (W3 g32: 16 groups per iteration). (3, 128, 384, 8): 12 real rows, which R 8 does
-    not divide, so the dispatcher falls back to R 4. Split, stream-K and accumulate included."""
+    not divide, so the dispatcher falls back to R 4. Split, stream-K, accumulate and two iterations in
+    flight (depth 2, the decode candidates) included."""
     qw = random_qweight(37, k, bits, group, False, torch.float16, gen)
     pw = pack(qw, tile=32, device=device)
-    for m, kw in ((1, dict(split=1)), (3, dict(split=2)), (2, dict(stream_k=True, waves=1.5)), (1, dict(acc=True))):
+    for m, kw in ((1, dict(split=1)), (3, dict(split=2)), (2, dict(stream_k=True, waves=1.5)), (1, dict(acc=True)),
+                  (1, dict(acc=True, depth=2, split=2)), (2, dict(depth=2))):
         acc = kw.pop("acc", False)
         x = random_x(m, k, torch.float16, gen, device)
         cfg = GemvConfig(BN=32, R=r, num_warps=4, h2=True, **kw)
