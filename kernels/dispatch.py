@@ -478,13 +478,6 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         c += [(f"h2 BN32 R{r} w4 x{wv}{'' if xa else ' xl'}{' nc256' if bits == 4 else ''} wide",
                gv(BN=32, R=r, num_warps=4, waves=wv, h2=True, x_ahead=xa, evict=2 if bits == 4 else 1))
               for r, wv, xa in wide]
-        # and with two iterations' weights requested before the PDL wait (run 14): a decode layer's programs
-        # run 3-4 wide iterations, so most of their bytes are in flight while the glue kernel before them
-        # runs. sm_90: W4 96 registers (5 programs per SM), W3 128 (4)
-        if not glu:
-            r, wv = (16, 4) if bits == 3 else (32, 5)
-            c += [(f"h2 BN32 R{r} w4 x{wv}{' nc256' if bits == 4 else ''} wide d2",
-                   gv(BN=32, R=r, num_warps=4, waves=wv, h2=True, depth=2, evict=2 if bits == 4 else 1))]
         # weight loads asking the L2 for whole 256 B blocks (run 12)
         c += [(f"h2 BN{bn} R{rs[0]} w4 x{wv} nc256", gv(BN=bn, R=rs[0], num_warps=4, waves=wv, h2=True, evict=2))
               for bn, wv in ((64, 8), (128, 6))]
