@@ -6,6 +6,11 @@ attention (~8 µs), during which a launch that requests all its weights before t
 ``gemv_h2``) could have them in flight. This measures that directly in the step.
 
     PYTHONPATH=$PWD python3 benchmarks/kernels/time_decode_picks.py
+
+Outcome (run 14, `runs/run14_decodepicks.log`): within -0.6% / +2.6% (W4) and +0.8% / +10% (W3) of the
+autotuned step, so the wide depth-2 candidates were dropped from the dispatcher afterwards; a forced name
+that is no longer offered is tuned as usual (``autotune.preload``), so this script then re-times the
+autotuner's own pick under that label.
 """
 
 from __future__ import annotations
