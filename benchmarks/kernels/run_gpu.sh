@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decode1b decodepicks decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decode1b decodepicks chain decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -138,6 +138,9 @@ for s in $STAGES; do
     decodepicks)  # run 14: the step with the o / qkv / down launches forced to depth-2 candidates, one process
       stamp decodepicks
       timeout 240 python3 benchmarks/kernels/time_decode_picks.py 2>&1 | grep -v Warning | tee "$OUT/decodepicks.log" ;;
+    chain)  # run 14: the cost of a kernel boundary (dependent nop kernels in a graph, PDL on / off)
+      stamp chain
+      timeout 120 python3 benchmarks/kernels/time_chain.py 2>&1 | grep -v Warning | tee "$OUT/chain.log" ;;
     decode1b)  # the same in a second process (the autotuner's picks, and so the step, move between processes)
       stamp decode1b
       timeout 120 python3 -m pipeline.evaluate.bench_decode --batch 1 --variants fp16 w4 w3 --out "$OUT/decode1b" 2>&1 \
