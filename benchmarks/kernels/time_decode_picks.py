@@ -23,31 +23,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import torch  # noqa: E402
 
 from kernels import autotune  # noqa: E402
-from kernels.pdl import programmatic_launch  # noqa: E402
-from pipeline.evaluate.bench_decode import DecodeModel, capture_step, config_for  # noqa: E402
+from pipeline.evaluate.bench_decode import DecodeModel, config_for, time_steps  # noqa: E402
 
 CONTEXT, STEPS = 128, 128
 SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "down": (18944, 3584)}  # (K, N), accumulate launches
 
 
 def step_ms(model: DecodeModel) -> float:
-    with torch.no_grad(), programmatic_launch(True):
-        model.pos.fill_(CONTEXT)
-        model.step()  # eager: picks (or re-picks) every launch
-        torch.cuda.synchronize()
-        g = capture_step(model)
-        model.pos.fill_(CONTEXT)
-        for _ in range(3):
-            g.replay()
-        model.pos.fill_(CONTEXT)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        for _ in range(STEPS):
-            g.replay()
-        b.record()
-        b.synchronize()
-    return a.elapsed_time(b) / STEPS
+    return time_steps(model, CONTEXT, STEPS)[0]  # its eager steps pick (or re-pick) every launch
 
 
 def force(bits: int, names: dict[str, str]) -> dict:

@@ -353,6 +353,36 @@ def summarize_kernels(events: list[dict], steps: int) -> dict:
     return {"span_us_per_step": span / steps, "kernel_us_per_step": busy / steps, "rows": rows}
 
 
+def time_steps(model: DecodeModel, context: int, steps: int, pdl: bool = True):
+    """Milliseconds per step of ``model`` replayed as one CUDA graph from position ``context``, and the
+    graph. Two eager steps first (compile, autotune, size the split-K workspace); the peak-memory
+    counter is reset after them, so the peak is what decoding holds (weights, cache, workspaces, the
+    graph's pool), not the construction of random packed weights nor the autotuner's first calls
+    (run 9-10: 16-20 GB for the +head rows, all of it the packing of a random 152k x 3584 head)."""
+    import torch
+
+    from kernels.pdl import programmatic_launch
+
+    with torch.no_grad(), programmatic_launch(pdl):
+        for _ in range(2):
+            model.step()
+        torch.cuda.synchronize()
+        g = capture_step(model)
+        model.pos.fill_(context)
+        for _ in range(3):
+            g.replay()
+        model.pos.fill_(context)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            g.replay()
+        b.record()
+        b.synchronize()
+    return a.elapsed_time(b) / steps, g
+
+
 def bench_one(config, variant: str, batch: int, context: int, steps: int, group: int | None,
               pdl: bool = True, profile: bool = False) -> dict:
     import torch
@@ -369,27 +399,7 @@ def bench_one(config, variant: str, batch: int, context: int, steps: int, group:
     model.tokens.copy_(torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen))
     with programmatic_launch(pdl):
         pdl_mode = mode(torch.device("cuda"))
-    with torch.no_grad(), programmatic_launch(pdl):
-        for _ in range(2):  # eager: compiles kernels, sizes the split-K workspace
-            model.step()
-        torch.cuda.synchronize()
-        g = capture_step(model)
-        model.pos.fill_(context)
-        for _ in range(3):
-            g.replay()
-        model.pos.fill_(context)
-        torch.cuda.synchronize()
-        # peak from here: what decoding holds (weights, cache, workspaces, the graph's pool), not the
-        # construction of random packed weights nor the autotuner's first calls (run 9-10: 16-20 GB
-        # for the +head rows, all of it the packing of a random 152k x 3584 head)
-        torch.cuda.reset_peak_memory_stats()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(steps):
-            g.replay()
-        b.record()
-        b.synchronize()
-    ms = a.elapsed_time(b) / steps
+    ms, g = time_steps(model, context, steps, pdl)
     prof = profile_graph(g, 8) if profile else None
     r = {"variant": variant, "batch": batch, "context": context, "steps": steps, "pdl": pdl_mode, "ms_per_step": ms,
          "tokens_per_s": batch * 1000.0 / ms, "weights_gb": model.weight_bytes() / 1e9,
