@@ -503,7 +503,7 @@ def _candidates(bits: int, m: int, fp16_pairs: bool = False, glu: int = 0,
         # 8192->28672 (50.3 vs 52.8 µs); x8 / x16 never (W4 M=16 8192->28672: x4 59.5, x8 60.5, x12 60.3, x16 63.9)
         c += [(f"tc-h2 BM{bm} BN128 x4 r128 nc256", gm(BM=bm, BN=128, h2=True, waves=4, maxnreg=128, evict=2))]
         if bits == 4 and bm == 16 and not glu:  # run 14: W4 words by 8-byte loads (perm), 0.9-2.8 µs faster
-            # on 8192 -> 28672 and 28672 -> 8192 (M=16 x12: 59.6 -> 56.8 µs); W3 lost 0.4-1.1 µs with it
+            # on 8192 -> 28672 and 28672 -> 8192 (M=16 x12: 59.6 -> 56.8 µs); W3 lost 0.7-1.1 µs with it
             c += [(f"tc-h2 BM{bm} BN128 x4 r128 nc256 perm",
                    gm(BM=bm, BN=128, h2=True, waves=4, maxnreg=128, evict=2, perm=True)),
                   (f"tc-h2 BM{bm} BN128 x12 r128 perm", gm(BM=bm, BN=128, h2=True, waves=12, maxnreg=128, perm=True))]

@@ -384,10 +384,11 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
         zf, za, zb, zc = _zconst(zsrc, OFFSET, SYM, BITS, zsrc, ASM)
     a0, a1, a2, a_s, a_z = _stage_w(it0, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS,
                                     T, R, EVICT)
-    if DEPTH == 2:  # the second iteration's weights before the wait too: a decode GEMV whose programs run
-        # two or three iterations then has most of its bytes in flight while the glue kernel before it runs
-        b0, b1, b2, b_s, b_z = _stage_w(tl.minimum(it0 + 1, it1 - 1), wbase, szbase, scale_ptr, zero_ptr, BITS,
-                                        SYM, PER_CHANNEL, GROUP_ROWS, T, R, EVICT)
+    j1 = tl.minimum(it0 + 1, it1 - 1)  # the second iteration (the first again for a one-iteration program)
+    if DEPTH == 2:  # its weights before the wait too: a decode GEMV whose programs run two or three
+        # iterations then has most of its bytes in flight while the glue kernel before it runs
+        b0, b1, b2, b_s, b_z = _stage_w(j1, wbase, szbase, scale_ptr, zero_ptr, BITS, SYM, PER_CHANNEL, GROUP_ROWS,
+                                        T, R, EVICT)
     if PDL == 2 and FIRST:
         launch_dependents()
     if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
@@ -396,7 +397,6 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
         aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7 = _load_x(xbase + it0 * (R * QPR), x_ptr, qi0 + it0 * (R * QPR), M,
                                                          K4, m3, QPR, EVEN, ASM, PDL == 0)
     if DEPTH == 2:
-        j1 = tl.minimum(it0 + 1, it1 - 1)
         bq0, bq1, bq2, bq3, bq4, bq5, bq6, bq7 = _load_x(xbase + j1 * (R * QPR), x_ptr, qi0 + j1 * (R * QPR), M, K4,
                                                          m3, QPR, EVEN, ASM, PDL == 0)
     y3 = tl.zeros([BM, R, BN], dtype=tl.float32)

@@ -92,8 +92,8 @@ def gemm_h2_config(m: int, tile: int, bits: int = 4, glu: int = 0) -> GemmConfig
     if tile % 128:
         return GemmConfig(BM=bm, BN=64, h2=True, waves=6.0)
     # run 12: the L2 256 B fetch hint on the words, 0.4-0.8 µs faster in 6 of 6 (shape, bits) at M=16;
-    # run 14: W4 words in the 8-byte-load column order (perm), 0.9-1.2 µs faster on 8192 -> 28672 and
-    # 28672 -> 8192 at M=4 and 16, tied on 3584 -> 18944 (W3: 0.4-1.1 µs slower, so not for W3)
+    # run 14: W4 words in the 8-byte-load column order (perm), 0.6-1.9 µs faster on 8192 -> 28672 and
+    # 28672 -> 8192 at M=4 and 16, tied on 3584 -> 18944 (W3: 0.7-1.1 µs slower, so not for W3)
     perm = bits == 4 and bm == 16 and not glu
     return GemmConfig(BM=bm, BN=128, h2=True, waves=4.0, maxnreg=128, evict=2, perm=perm)
 
