@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .decode import finish, load_rows
-from .pdl import launch_dependents, wait_prior
+from .pdl import grid_sync, launch_dependents, wait_prior
 
 
 def _dot_asm(n: int) -> str:
@@ -391,8 +391,10 @@ def _segment(pid_n, pid_m, it0, it1, expected, cnt_idx,
                                         T, R, EVICT)
     if PDL == 2 and FIRST:
         launch_dependents()
-    if PDL:  # everything above reads weights only; x and the outputs belong to the previous grid
+    if PDL == 1 or PDL == 2:  # everything above reads weights only; x and the outputs belong to the previous grid
         xbase = xbase + wait_prior()
+    elif PDL == 3:  # inside one persistent launch: x is written by an earlier phase of it (grid_sync)
+        xbase = xbase + grid_sync(cnt_ptr, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2))
     if XAHEAD:
         aq0, aq1, aq2, aq3, aq4, aq5, aq6, aq7 = _load_x(xbase + it0 * (R * QPR), x_ptr, qi0 + it0 * (R * QPR), M,
                                                          K4, m3, QPR, EVEN, ASM, PDL == 0)

@@ -78,3 +78,27 @@ def launch_dependents():
     """Let the next grid be scheduled once every program of this one has passed this point."""
     tl.inline_asm_elementwise("griddepcontrol.launch_dependents;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                               is_pure=False, pack=1)
+
+
+@triton.jit
+def grid_sync(bar_ptr, nprog):
+    """A barrier across all ``nprog`` programs of a persistent launch (every one resident at once, or
+    it never returns): ``bar_ptr[0]`` counts arrivals, ``bar_ptr[1]`` is the epoch the last arrival
+    advances (both int32, zero before the first launch; the last arrival resets the count, so the
+    pair is reusable, in graphs too). Writes before it are visible to coherent reads after it.
+    Returns int32 0 from an opaque asm, to add to the addresses of pure inline-asm loads that must
+    not be hoisted above the barrier (as ``wait_prior``)."""
+    tl.debug_barrier()
+    e0 = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+    old = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+    if old == nprog - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
+    else:
+        e = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+        while e == e0:  # a poll every ~0.1 µs per program keeps the counter's L2 slice free for the arrivals
+            tl.inline_asm_elementwise("nanosleep.u32 100;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+            e = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    return tl.inline_asm_elementwise("mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decode1b decodepicks chain decodeab decodetrig attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decode1b decodepicks chain decodeab decodetrig mlpchain decodeattn attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -156,6 +156,12 @@ for s in $STAGES; do
       timeout 150 python3 -m pipeline.evaluate.bench_decode --profile --batch 1 --out "$OUT/decode" 2>&1 \
         | grep -v Warning | tee "$OUT/decode.log"
       cat "$OUT"/decode/decode_profile.md 2>/dev/null ;;
+    mlpchain)  # run 15: the MLP half of a decode layer as two PDL launches vs one persistent launch with a grid barrier
+      stamp mlpchain
+      timeout 200 python3 benchmarks/kernels/time_mlp_chain.py 2>&1 | grep -v Warning | tee "$OUT/mlpchain.log" ;;
+    decodeattn)  # run 15: the step's attention launch shape (cache block, splits, warps) timed in the W4 step
+      stamp decodeattn
+      timeout 300 python3 benchmarks/kernels/time_decode_attn.py 2>&1 | grep -v Warning | tee "$OUT/decodeattn.log" ;;
     attn)
       stamp attn
       timeout 120 python3 benchmarks/kernels/time_attention.py 2>&1 | grep -v Warning | tee "$OUT/attn.log" ;;
