@@ -25,7 +25,7 @@ from pipeline.evaluate.bench_decode import DecodeModel, config_for, parse_varian
 
 CONTEXT, STEPS = 128, 128
 # (cache block, splits, warps); the first is the step's default
-SHAPES = [(32, 8, 2), (64, 8, 2), (64, 4, 2), (64, 2, 4), (128, 2, 4), (128, 1, 4), (256, 1, 8), (32, 4, 2)]
+SHAPES = [(32, 8, 2), (64, 8, 2), (64, 4, 2), (64, 2, 4), (128, 2, 4), (128, 1, 4), (128, 1, 8), (32, 4, 2)]
 
 
 def main() -> None:
