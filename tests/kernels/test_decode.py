@@ -52,13 +52,16 @@ def test_rope_kv_and_attention_match_torch(gen, device):
     assert torch.allclose(out.cpu().float(), want.reshape(b, hq * d), atol=2e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("pos,block,splits", [(0, 64, 8), (1, 64, 8), (64, 64, 8), (77, 64, 8), (95, 16, 8),
-                                              (90, 16, 2), (40, 16, 1)])
-def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, gen, device):
+@pytest.mark.parametrize("pos,block,splits,split_from", [
+    (0, 64, 8, 0), (1, 64, 8, 0), (64, 64, 8, 0), (77, 64, 8, 0), (95, 16, 8, 0), (90, 16, 2, 0), (40, 16, 1, 0),
+    (95, 16, 8, 32), (20, 16, 8, 32), (95, 32, 8, 512)])
+def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, split_from, gen, device):
     """The fused launch (a GQA group per program, cache blocks spread over splits) computes what the
     two separate ones (checked above against transformers and SDPA) compute: same output, same
     caches -- at pos 0 (no cache yet), on a block edge, over 6 one-block splits merged by the last,
-    over 2 splits of 3 blocks each, and in one split looping over 3 blocks."""
+    over 2 splits of 3 blocks each, and in one split looping over 3 blocks; with ``split_from``,
+    over 3 splits of 2 blocks (32 positions at least), in one of 2 blocks, and in one split below
+    the decode step's 512 positions."""
     b, hq, hkv, d, length = 2, 6, 2, 32, 96
     qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
@@ -68,7 +71,8 @@ def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, gen, d
     kc2, vc2 = kc.clone(), vc.clone()
     want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
     out = torch.full_like(want, float("nan"))
-    got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, out=out, block=block, splits=splits)
+    got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, out=out, block=block, splits=splits,
+                         split_from=split_from)
     assert torch.equal(kc2.cpu(), kc.cpu()) and torch.equal(vc2.cpu(), vc.cpu())
     assert torch.isfinite(got).all()
     assert torch.allclose(got.cpu().float(), want.cpu().float(), atol=3e-3, rtol=1e-2), \
@@ -78,7 +82,7 @@ def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, gen, d
 
         ws, cnt = _WS[("attention", torch.device(device).type, torch.device(device).index)]
         assert int(cnt.abs().sum()) == 0 and float(ws.abs().sum()) == 0.0
-        got2 = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=block, splits=splits)
+        got2 = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=block, splits=splits, split_from=split_from)
         assert torch.equal(got2.cpu(), got.cpu())
     with pytest.raises(ValueError, match="powers of 2"):
         rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=8)
