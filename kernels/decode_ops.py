@@ -238,8 +238,8 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
     P.V products run on tensor cores; the blocks below ``pos`` are spread over at most NS splits
     (splits past the work exit at once), each writes (max, sum, acc) per head to ``ws``, and the
     split that arrives last (per-group counter) merges them. A split takes at least MINB blocks, so
-    a short cache runs in one split and writes its output directly: the merge's two dependent round
-    trips cost ~1.2 µs a layer of the W4 decode step at 128-256 positions (run 15). The position, the split's first cache
+    a short cache runs in one split and writes its output directly, without the merge's dependent
+    round trips (run 15: 2.323 -> 2.236 ms a W4 decode step at 128-256 positions). The position, the split's first cache
     block and the rotary frequencies are loaded before waiting on the previous grid (PDL): none of
     them is written by it (the cache below ``pos`` by earlier steps, ``pos`` at the end of the last
     one), so their latency overlaps the qkv GEMV's end."""
@@ -335,15 +335,16 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
 
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
-                   block: int = 128, splits: int = 8, num_warps: int = 8, split_from: int = 512) -> torch.Tensor:
+                   block: int = 128, splits: int = 8, num_warps: int = 4, split_from: int = 512) -> torch.Tensor:
     """``rope_kv`` then ``decode_attention`` in one launch (the decode step's attention): one
     program per (sequence, kv head, split), the cache blocks of ``block`` positions spread over at
     most ``splits`` of them. Returns ``[B, hq * D]`` and leaves the new k, v in the caches at
     ``pos``. Head dim a power of 2 >= 16 and ``block`` >= 16 (tensor-core tiles). ``qkv`` may be
     fp32 (a GEMV's accumulation buffer; rounded to the cache dtype as it is read); ``out`` has the
     cache's dtype. ``split_from``: the positions a split holds at least, so a cache shorter than it
-    is read by one program per group with no merge (run 15's W4 step: 128-position blocks, one split
-    below 512 positions, 8 warps, 1.2 µs a layer faster than 32-position blocks over 8 splits)."""
+    is read by one program per group with no merge. These defaults are run 15's, timed in the W4
+    decode step against run 8's 32-position blocks over 8 splits with 2 warps: -3.1 µs a layer at
+    128-256 positions (one split), -5.8 at 2048-2176 (4-5 splits of 512)."""
     b = qkv.shape[0]
     d, length = k_cache.shape[-1], k_cache.shape[2]
     if hq % hkv:

@@ -11,6 +11,9 @@ the last to arrive: two extra dependent round trips that fewer, longer splits av
 Outcome, first call (`runs/run15_decodeattn.log`, context 128, splits=1 meaning no merge): 128-position
 blocks in one split, 8 warps, 2.256 ms a step against 2.289 for 32-position blocks over 8 splits (-1.2 µs
 a layer); every shape that still merged was 0.5-0.7 µs a layer slower than the old launch.
+Second call (`runs/run15_decodeattn2.log`, with ``split_from``): 128-position blocks, one split below
+512 positions, 4 warps: -3.1 µs a layer at context 128 and -5.8 at 2048 (8 warps -3.3 / -4.6; one
+split at any length +8.2 at 2048). That launch is now ``rope_attention``'s default.
 """
 
 from __future__ import annotations
