@@ -138,8 +138,8 @@ def test_decode_step_matches_transformers_forward(variant, gen, device):
 @pytest.mark.parametrize("bits,m", [(4, 1), (3, 2), (4, 3)])
 def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
     """The fused gate/up projection (rows interleaved in blocks of 32, silu-mul in the GEMV's
-    epilogue, split-K or not) gives what the plain projection followed by silu_mul gives, and the
-    torch fallback of QuantLinear(glu=32) agrees with both."""
+    epilogue, split-K or not, one iteration over two groups) gives what the plain projection followed
+    by silu_mul gives, and the torch fallback of QuantLinear(glu=32) agrees with both."""
     from kernels import QuantLinear
     from kernels.decode_ops import interleave_gate_up
     from kernels.dispatch import gemv
@@ -154,8 +154,9 @@ def test_glu_gemv_equals_gemv_then_silu_mul(bits, m, gen, device):
     lin = QuantLinear.from_quantized(qw, glu=32).to(device)
     plain = QuantLinear.from_quantized(qw).to(device)
     x = random_x(m, k, torch.float16, gen, device)
-    for split, sk in ((1, False), (3, False), (None, True)):
-        cfg = GemvConfig(BN=64, R=4, h2=True, split=split, stream_k=sk, waves=2.5)
+    wide = dict(R=32 if bits == 4 else 8, x_ahead=False)  # an iteration over two groups, x where used
+    for split, sk, kw in ((1, False, {}), (3, False, {}), (None, True, {}), (1, False, wide)):
+        cfg = GemvConfig(**{"BN": 64, "R": 4, "h2": True, "split": split, "stream_k": sk, "waves": 2.5, **kw})
         want = silu_mul(gemv(x, plain.packed, cfg=cfg), interleave=32)
         out = torch.full((m, inter), float("nan"), dtype=torch.float16, device=device)
         got = gemv(x, lin.packed, out=out, cfg=cfg, glu=32)
