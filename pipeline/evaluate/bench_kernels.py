@@ -113,6 +113,10 @@ def _sweep_variants(bits: int, m: int, k: int, n: int) -> list[tuple[str, dict]]
                 out.append((f"h2 BN{bn} R{r} w{w} x{wv}{'' if xa else ' xl'}{' nc256' if bits == 4 else ''} wide",
                             {"impl": "gemv", "BN": bn, "R": r, "num_warps": w, "waves": wv, "h2": True,
                              "x_ahead": bool(xa), "evict": 2 if bits == 4 else 1}))
+            if bits == 4:  # run 15: BN64 (a gate/up pair) over two groups, 96 registers, 5 programs per SM
+                out.append(("h2 BN64 R32 w4 x5 r96 xl nc256 wide", {"impl": "gemv", "BN": 64, "R": 32, "num_warps": 4,
+                                                                   "waves": 5, "h2": True, "x_ahead": False, "evict": 2,
+                                                                   "maxnreg": 96}))
             if bits == 3:  # run 12 ncu: W3 at 74 registers holds 24 warps per SM (W4: 32) and stalls on memory;
                 # register caps for 28-32 warps (64 spills 40 bytes), and 2-warp programs
                 for bn, r, w, wv, mr in ((128, 4, 4, 7, 72), (128, 4, 4, 8, 64), (64, 4, 2, 14, 72), (64, 4, 2, 12, 72),
