@@ -120,7 +120,7 @@ for s in $STAGES; do
       timeout 90 python3 benchmarks/kernels/time_dequant.py 2>&1 | grep -v Warning | tee "$OUT/dequant.log" ;;
     decode)
       stamp decode
-      timeout 200 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>      timeout 120 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&11 | grep -v Warning | tee "$OUT/decode.log" ;;
+      timeout 200 python3 -m pipeline.evaluate.bench_decode --out "$OUT/decode" 2>&1 | grep -v Warning | tee "$OUT/decode.log" ;;
     decodehead)  # the default variants plus the what-if of a packed lm_head (w4+head, w3+head)
       stamp decodehead
       timeout 200 python3 -m pipeline.evaluate.bench_decode --variants fp16 w4 w3 w4+head w3+head w3+head4 --out "$OUT/decode" 2>&1 \
