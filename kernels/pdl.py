@@ -87,7 +87,10 @@ def grid_sync(bar_ptr, nprog):
     advances (both int32, zero before the first launch; the last arrival resets the count, so the
     pair is reusable, in graphs too). Writes before it are visible to coherent reads after it.
     Returns int32 0 from an opaque asm, to add to the addresses of pure inline-asm loads that must
-    not be hoisted above the barrier (as ``wait_prior``)."""
+    not be hoisted above the barrier (as ``wait_prior``). GPU only (the interpreter runs programs one
+    after another). Used by ``gemv_h2``'s PDL mode 3 in run 15's persistent-launch experiment
+    (benchmarks/kernels/time_mlp_chain.py), where it cost ~0.9 µs more than the launch boundary it
+    replaced, so no product path uses it."""
     tl.debug_barrier()
     e0 = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
     old = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
