@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, config sweep, the kernel table, the decode bench.
 # Usage (on the device, repo root):  bash benchmarks/kernels/run_gpu.sh [stages...]
-# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decode1b decodepicks chain decodeab decodetrig sweepgu mlpchain decodeattn attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
+# stages: info tests repro sweep sweeptc sweeptc64 sweepsa sweepperm sweepwaves sweepl2 sweepw3occ sweepxl sweepwide sweeph2 large sweepsmall sweepsym bench benchsmall benchmid chunked layouts ceiling tcceiling dequant decode decodehead decodepdl decodeprof decodewhatif decode1 decode1b decodepicks chain decodeab decodetrig sweepgu carveout mlpchain decodeattn attn ncusmall ncutc ncum1 ncuwide ncu   (default: info tests sweep bench decode)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -162,6 +162,10 @@ for s in $STAGES; do
         "h2 BN64 R16 w4 x8 nc256" "h2 BN64 R32 w4 x5 r96" "h2 BN32 R32 w4 x8 nc256 wide" "h2 BN32 R32 w4 x6 nc256 wide" \
         --shapes 3584x37888 18944x3584 3584x4608 3584x3584 --m 1 --bits 4 --reps 15 --out "$OUT/sweepgu" 2>&1 \
         | grep -v Warning | tee "$OUT/sweepgu.log" | tail -40 ;;
+    carveout)  # run 15: large M, the next chunk dequantized on SMs cuBLAS is asked to leave free
+      stamp carveout
+      timeout 300 python3 benchmarks/kernels/time_carveout.py 2>&1 | grep -v "Warning\|carveout for matmuls" \
+        | tee "$OUT/carveout.log" ;;
     mlpchain)  # run 15: the MLP half of a decode layer as two PDL launches vs one persistent launch with a grid barrier
       stamp mlpchain
       timeout 200 python3 benchmarks/kernels/time_mlp_chain.py 2>&1 | grep -v Warning | tee "$OUT/mlpchain.log" ;;
