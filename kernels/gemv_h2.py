@@ -460,8 +460,9 @@ def gemv_h2_kernel(
     for the previous grid, x only after; the next grid may be scheduled once every program has left
     the loop (1) or has requested its first weights (2). Inside a persistent launch (``_segment`` called
     by another kernel, run 15's experiment): 3 waits at ``pdl.grid_sync`` instead, 4 waits for nothing
-    (a timing bound); both read x coherently, since an earlier phase of the same launch wrote it. GLU > 0: the output is silu(gate) * up of
-    gate/up columns interleaved in blocks of GLU (decode.store_out), N / 2 wide. ACC: ``out`` is a
+    (a timing bound); both read x coherently, since an earlier phase of the same launch wrote it.
+    GLU > 0: the output is silu(gate) * up of gate/up columns interleaved in blocks of GLU
+    (decode.store_out), N / 2 wide. ACC: ``out`` is a
     zeroed fp32 buffer and every k-split adds its partial sums into it (relaxed atomics, bias from
     split 0): no counter, no read-back; the consumer rounds to 16 bits as it reads.
     STREAMK: program p takes units [p * iters_per_split, ...) of the ``n_tiles x n_iters`` (tile,
