@@ -240,9 +240,9 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
     split that arrives last (per-group counter) merges them. A split takes at least MINB blocks, so
     a short cache runs in one split and writes its output directly, without the merge's dependent
     round trips (run 15: 2.323 -> 2.236 ms a W4 decode step at 128-256 positions). The position,
-    the split's first cache block and the rotary frequencies are loaded before waiting on the previous grid (PDL): none of
-    them is written by it (the cache below ``pos`` by earlier steps, ``pos`` at the end of the last
-    one), so their latency overlaps the qkv GEMV's end."""
+    the split's first cache block and the rotary frequencies are loaded before waiting on the
+    previous grid (PDL): none of them is written by it (the cache below ``pos`` by earlier steps,
+    ``pos`` at the end of the last one), so their latency overlaps the qkv GEMV's end."""
     b = tl.program_id(0)
     j = tl.program_id(1)
     sid = tl.program_id(2)
