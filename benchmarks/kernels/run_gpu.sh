@@ -168,7 +168,9 @@ for s in $STAGES; do
         | tee "$OUT/carveout.log" ;;
     mlpchain)  # run 15: the MLP half of a decode layer as two PDL launches vs one persistent launch with a grid barrier
       stamp mlpchain
-      timeout 200 python3 benchmarks/kernels/time_mlp_chain.py 2>&1 | grep -v Warning | tee "$OUT/mlpchain.log" ;;
+      timeout 200 python3 benchmarks/kernels/time_mlp_chain.py 2>&1 | grep -v Warning | tee "$OUT/mlpchain.log"
+      timeout 200 python3 benchmarks/kernels/time_mlp_chain.py --maxnreg 80 2>&1 | grep -v Warning \
+        | tee "$OUT/mlpchain80.log" ;;
     decodeattn)  # run 15: the step's attention launch shape (cache block, splits, warps) timed in the W4 step
       stamp decodeattn
       timeout 300 python3 benchmarks/kernels/time_decode_attn.py 2>&1 | grep -v Warning | tee "$OUT/decodeattn.log" ;;
