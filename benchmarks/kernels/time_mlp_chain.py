@@ -19,6 +19,9 @@ program (S from that capacity), the gate/up's 592 tiles over the same programs.
 Outcome (run 15, `runs/run15_mlpchain.log`, µs a layer): two PDL launches 45.52 (down in 9 splits) / 44.92
 (7, as the persistent grid), one launch with the barrier 45.80, without it 42.94. The barrier costs more
 than the launch boundary, and no boundary at all would save 2 µs: no persistent layer kernel was built.
+Call 9 (`runs/run15_mlpchain80.log`, the kernel as it is now, one gate/up tile a program): 44.67 / 45.45 /
+42.59 the same way. Uncapped (`runs/run15_mlpchain_uncapped.log`: 64 registers, 8 programs per SM, down in
+9 splits) the barrier costs 5.6 µs and even the bound loses 1.6.
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28, help="distinct layers in the graph (L2-cold weights)")
     ap.add_argument("--reps", type=int, default=20, help="graph replays timed per round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--maxnreg", type=int, default=0, help="register cap of the persistent kernel (0: none; sm_90 "
-                    "SASS: 64 registers uncapped, 8 programs per SM)")
+    ap.add_argument("--maxnreg", type=int, default=80, help="register cap of the persistent kernel (0: none, which "
+                    "compiles to 64 registers, 8 programs per SM: the barrier then costs 5.6 µs, run 15)")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = [Layer(gen) for _ in range(args.layers)]
