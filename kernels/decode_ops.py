@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .pdl import mode as pdl_active
 from .pdl import launch_dependents, launch_kwargs, wait_prior
@@ -333,6 +334,9 @@ def _rope_attn_kernel(qkv_ptr, inv_freq_ptr, pos_ptr, k_cache, v_cache, out_ptr,
                 tl.atomic_xchg(cnt_ptr + grp, 0)
 
 
+_ATTN_BLOCK: dict[tuple, int] = {}  # (device, head dim, group, block, warps) -> the block that fits
+
+
 def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, hq: int, hkv: int, out: torch.Tensor | None = None,
                    block: int = 128, splits: int = 8, num_warps: int = 4, split_from: int = 512) -> torch.Tensor:
@@ -352,15 +356,27 @@ def rope_attention(qkv: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
     if d < 16 or d & (d - 1) or block < 16 or block & (block - 1):
         raise ValueError(f"head dim ({d}) and block ({block}) must be powers of 2, at least 16")
     g = hq // hkv
-    ns = triton.next_power_of_2(max(1, min(splits, triton.cdiv(length, block))))
     out = torch.empty(b, hq * d, dtype=k_cache.dtype, device=qkv.device) if out is None else out
     from .dispatch import workspace
 
-    ws, cnt = workspace(qkv.device, b * hq * ns * (d + 2), b * hkv, pool="attention")
     pdl = pdl_active(qkv.device)
-    _rope_attn_kernel[(b, hkv, ns)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
-                                    d**-0.5, HQ=hq, HKV=hkv, D=d, BL=block, NS=ns,
-                                    GP=max(16, triton.next_power_of_2(g)), GM=triton.next_power_of_2(g), PDL=pdl,
-                                    MINB=max(1, -(-split_from // block)),
-                                    num_warps=num_warps, **launch_kwargs(pdl))
+    # the K/V tiles take ~8 * block * d bytes of shared memory (128 KB at 128 x 128): a block the GPU
+    # cannot hold (head dim 256 on the H100, 128 on GPUs with ~100 KB) is halved until one fits
+    key = (qkv.device, d, g, block, num_warps)
+    bl = _ATTN_BLOCK.get(key, block)
+    while True:
+        ns = triton.next_power_of_2(max(1, min(splits, triton.cdiv(length, bl))))
+        ws, cnt = workspace(qkv.device, b * hq * ns * (d + 2), b * hkv, pool="attention")
+        try:
+            _rope_attn_kernel[(b, hkv, ns)](qkv, inv_freq, pos, k_cache, v_cache, out, ws, cnt, qkv.stride(0), length,
+                                            d**-0.5, HQ=hq, HKV=hkv, D=d, BL=bl, NS=ns,
+                                            GP=max(16, triton.next_power_of_2(g)), GM=triton.next_power_of_2(g),
+                                            PDL=pdl, MINB=max(1, -(-split_from // bl)),
+                                            num_warps=num_warps, **launch_kwargs(pdl))
+            break
+        except OutOfResources:
+            if bl <= 16:
+                raise
+            bl //= 2
+    _ATTN_BLOCK[key] = bl
     return out

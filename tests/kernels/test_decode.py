@@ -88,6 +88,42 @@ def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, split_
         rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=8)
 
 
+def test_rope_attention_halves_a_block_the_gpu_cannot_hold(gen, device, monkeypatch):
+    """A launch that runs out of shared memory (head dim 256 with 128-position blocks needs 266 KB on
+    sm_90, the H100 holds 227) is retried with half the block until one fits, and the block that fit
+    is remembered: the output is the reference's, at the block the fake limit allows."""
+    import kernels.decode_ops as ops
+    from triton.runtime.errors import OutOfResources
+
+    real, tried = ops._rope_attn_kernel, []
+
+    class Limited:  # the kernel, refusing blocks over 32 as a launch over the shared memory would
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append(kw["BL"])
+                if kw["BL"] > 32:
+                    raise OutOfResources(8 * kw["BL"] * kw["D"] + 4096, 8 * 32 * kw["D"] + 4096, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ops, "_rope_attn_kernel", Limited())
+    monkeypatch.setattr(ops, "_ATTN_BLOCK", {})
+    b, hq, hkv, d, length, pos = 1, 4, 2, 32, 96, 70
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
+    kc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    vc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    p = torch.tensor([pos], dtype=torch.int32, device=device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+    got = ops.rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=128, split_from=0)
+    assert tried == [128, 64, 32]
+    assert torch.allclose(got.cpu().float(), want.cpu().float(), atol=3e-3, rtol=1e-2)
+    assert torch.equal(kc2.cpu(), kc.cpu()) and torch.equal(vc2.cpu(), vc.cpu())
+    ops.rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=128, split_from=0)
+    assert tried == [128, 64, 32, 32]  # remembered
+
+
 def test_silu_mul(gen, device):
     gu = torch.randn(2, 2 * 1100, generator=gen).half()
     want = torch.nn.functional.silu(gu[:, :1100].float()) * gu[:, 1100:].float()

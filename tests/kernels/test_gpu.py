@@ -245,3 +245,23 @@ def test_pdl_gemv_two_stages_read_x_after_the_wait(bits, r, gen):
                 want = gemv(add_rmsnorm(None, res.clone(), w, 1e-6), pw, cfg=GemvConfig(BN=64, R=r, h2=True))
             err = float((got - want.float()).norm() / want.float().norm())
             assert err < 2e-3, err
+
+
+def test_rope_attention_head_dim_256_fits_the_gpu(gen):
+    """The default 128-position blocks need ~266 KB of shared memory at head dim 256 (sm_90: 227 KB
+    a program): the launch is retried with smaller blocks, and the result is the two-launch
+    reference's at a cache long enough for several splits."""
+    from kernels.decode_ops import decode_attention, rope_attention, rope_kv
+
+    b, hq, hkv, d, length = 1, 8, 2, 256, 1200
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().cuda()
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).cuda()
+    kc = torch.randn(b, hkv, length, d, generator=gen).half().cuda()
+    vc = torch.randn(b, hkv, length, d, generator=gen).half().cuda()
+    for pos in (100, 1100):  # one split, then three merged
+        p = torch.tensor([pos], dtype=torch.int32, device="cuda")
+        kc2, vc2 = kc.clone(), vc.clone()
+        want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+        got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv)
+        assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+        assert torch.allclose(got.float(), want.float(), atol=3e-3, rtol=1e-2), float((got - want).abs().max())
