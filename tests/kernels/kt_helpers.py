@@ -38,3 +38,20 @@ def assert_matches(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w64: tor
         f"{int(bad.sum())} of {bad.numel()} elements off; worst err {float(err.max()):.3g}, "
         f"at {tuple(int(i) for i in torch.nonzero(bad)[0])}, bound there {float(bound[bad][0]):.3g}"
     )
+
+
+def attention_case(b: int, hq: int, hkv: int, d: int, length: int, pos: int, gen: torch.Generator, device):
+    """Random fp16 qkv row(s), rotary frequencies and K/V caches at position ``pos``, and what the two
+    separate launches (``rope_kv`` then ``decode_attention``) give: ``(qkv, inv_freq, p, k, v, want,
+    k_ref, v_ref)`` with ``k``/``v`` untouched copies for the launch under test and ``k_ref``/``v_ref``
+    the caches as the reference left them."""
+    from kernels.decode_ops import decode_attention, rope_kv
+
+    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
+    kc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    vc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
+    p = torch.tensor([pos], dtype=torch.int32, device=device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+    return qkv, inv_freq, p, kc2, vc2, want, kc, vc

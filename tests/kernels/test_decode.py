@@ -5,6 +5,8 @@ import torch
 
 from kernels.decode_ops import add_rmsnorm, decode_attention, rope_attention, rope_kv, silu_mul
 
+from kt_helpers import attention_case
+
 
 def test_add_rmsnorm_matches_transformers(gen, device):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
@@ -62,14 +64,8 @@ def test_rope_attention_equals_rope_kv_then_attention(pos, block, splits, split_
     over 2 splits of 3 blocks each, and in one split looping over 3 blocks; with ``split_from``,
     over 3 splits of 2 blocks (32 positions at least), in one of 2 blocks, and in one split below
     the decode step's 512 positions."""
-    b, hq, hkv, d, length = 2, 6, 2, 32, 96
-    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
-    kc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
-    vc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
-    p = torch.tensor([pos], dtype=torch.int32, device=device)
-    kc2, vc2 = kc.clone(), vc.clone()
-    want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+    hq, hkv = 6, 2
+    qkv, inv_freq, p, kc2, vc2, want, kc, vc = attention_case(2, hq, hkv, 32, 96, pos, gen, device)
     out = torch.full_like(want, float("nan"))
     got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, out=out, block=block, splits=splits,
                          split_from=split_from)
@@ -108,14 +104,8 @@ def test_rope_attention_halves_a_block_the_gpu_cannot_hold(gen, device, monkeypa
 
     monkeypatch.setattr(ops, "_rope_attn_kernel", Limited())
     monkeypatch.setattr(ops, "_ATTN_BLOCK", {})
-    b, hq, hkv, d, length, pos = 1, 4, 2, 32, 96, 70
-    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().to(device)
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(device)
-    kc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
-    vc = torch.randn(b, hkv, length, d, generator=gen).half().to(device)
-    p = torch.tensor([pos], dtype=torch.int32, device=device)
-    kc2, vc2 = kc.clone(), vc.clone()
-    want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+    hq, hkv = 4, 2
+    qkv, inv_freq, p, kc2, vc2, want, kc, vc = attention_case(1, hq, hkv, 32, 96, 70, gen, device)
     got = ops.rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv, block=128, split_from=0)
     assert tried == [128, 64, 32]
     assert torch.allclose(got.cpu().float(), want.cpu().float(), atol=3e-3, rtol=1e-2)

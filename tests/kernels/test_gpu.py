@@ -251,17 +251,13 @@ def test_rope_attention_head_dim_256_fits_the_gpu(gen):
     """The default 128-position blocks need ~266 KB of shared memory at head dim 256 (sm_90: 227 KB
     a program): the launch is retried with smaller blocks, and the result is the two-launch
     reference's at a cache long enough for several splits."""
-    from kernels.decode_ops import decode_attention, rope_attention, rope_kv
+    from kernels.decode_ops import rope_attention
 
-    b, hq, hkv, d, length = 1, 8, 2, 256, 1200
-    qkv = (torch.randn(b, (hq + 2 * hkv) * d, generator=gen) * 2).half().cuda()
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).cuda()
-    kc = torch.randn(b, hkv, length, d, generator=gen).half().cuda()
-    vc = torch.randn(b, hkv, length, d, generator=gen).half().cuda()
+    from kt_helpers import attention_case
+
+    hq, hkv = 8, 2
     for pos in (100, 1100):  # one split, then three merged
-        p = torch.tensor([pos], dtype=torch.int32, device="cuda")
-        kc2, vc2 = kc.clone(), vc.clone()
-        want = decode_attention(rope_kv(qkv, inv_freq, p, kc, vc, hq, hkv), kc, vc, p)
+        qkv, inv_freq, p, kc2, vc2, want, kc, vc = attention_case(1, hq, hkv, 256, 1200, pos, gen, "cuda")
         got = rope_attention(qkv, inv_freq, p, kc2, vc2, hq, hkv)
         assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
         assert torch.allclose(got.float(), want.float(), atol=3e-3, rtol=1e-2), float((got - want).abs().max())
