@@ -19,6 +19,9 @@ on tensor cores; the fp16 baseline shares every glue kernel.
     python -m pipeline.evaluate.bench_decode --out bench-out   # batch 1 and 8: fp16, W4, W3, each packed variant
                                                                # with the lm_head fp16 and packed (+head)
 
+Writes ``decode.json``, ``decode.md`` (the table, then the issue's decode targets judged on it) and
+``decode.png`` (tokens/s per variant and batch, each bar labelled with its ratio to fp16).
+
 For experiments, ``VLMQ_DECODE_WHATIF=norm``, ``attn`` or ``norm,attn`` leaves the RMSNorms and/or the
 attention out of the step (wrong outputs, marked in decode.md): how much of the step they cost (run 14:
 attention ~8 µs a layer at W4, and a W4 step without it still under 2.8x).
@@ -42,7 +45,8 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_att
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("decode", help="decode tokens/s and peak memory, fp16 vs W4 vs W3 (GPU)")
+    p = subparsers.add_parser("decode", help="decode tokens/s and peak memory, fp16 vs W4 vs W3 (GPU)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     p.set_defaults(func=run)
 
@@ -499,8 +503,14 @@ def run(args) -> int:
                   flush=True)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    from . import bench_report
+
+    result = {"meta": meta, "rows": rows}
     with open(os.path.join(args.out, "decode.md"), "w") as f:
-        f.write(to_markdown(rows, meta))
+        f.write(to_markdown(rows, meta) + "\n" + bench_report.section("decode", result))
+    if rows:
+        bench_report.save_plot(args.out, "decode", result)
+    print(bench_report.targets_line(bench_report.check(rows, "decode")), flush=True)
     if args.profile:
         with open(os.path.join(args.out, "decode_profile.md"), "w") as f:
             f.write(profile_markdown(rows, meta))

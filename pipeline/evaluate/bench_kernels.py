@@ -3,7 +3,10 @@
 Every time is the median over many replays of a CUDA graph holding several calls (launch gaps
 amortized), with weights rotated over enough copies to exceed L2. The byte floor of a row is
 (packed weight + x + y bytes) / copy bandwidth, the copy bandwidth (read + write) measured in
-the same run. Writes ``kernels.json`` and ``kernels.md`` to ``--out``.
+the same run. Writes ``kernels.json``, ``kernels.md`` (the table, then the issue's speed targets
+judged on this run's rows) and ``kernels.png`` (speedup over cuBLAS against M, per shape) to ``--out``.
+Columns: µs; GB/s achieved (bytes moved / time); % of the byte floor; speedup over cuBLAS fp16.
+A row's ``[...]`` names the launch the autotuner picked for it.
 
     python -m pipeline.evaluate.bench_kernels --out bench-out            # the table
     python -m pipeline.evaluate.bench_kernels --sweep --shapes 8192x28672 --m 1 16 --out sweep
@@ -41,7 +44,8 @@ class Case:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("kernels", help="time the packed kernels vs cuBLAS fp16 and torch int4 (GPU)")
+    p = subparsers.add_parser("kernels", help="time the packed kernels vs cuBLAS fp16 and torch int4 (GPU)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     p.set_defaults(func=run)
 
@@ -475,9 +479,13 @@ def run(args) -> int:
     tuned = {repr(k): v for k, v in autotune.trace().items()}  # every candidate's eager time, per shape
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "errors": errs, "autotune": tuned}, f, indent=1, default=str)
-    md = to_markdown(rows, meta)
+    from . import bench_report
+
+    result = {"meta": meta, "rows": rows}
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
-        f.write(md)
+        f.write(to_markdown(rows, meta) + "\n" + bench_report.section("kernels", result))
+    bench_report.save_plot(args.out, "kernels", result)
+    print(bench_report.targets_line(bench_report.check(rows, "kernels")), flush=True)
     return 0 if not errs else 1
 
 

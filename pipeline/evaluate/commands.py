@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # (module, description) for each `vlmq bench` target; each module exposes register(subparsers).
-BENCH_MODULES = ("pipeline.evaluate.bench_kernels", "pipeline.evaluate.bench_decode")
+BENCH_MODULES = ("pipeline.evaluate.bench_kernels", "pipeline.evaluate.bench_decode", "pipeline.evaluate.bench_report")
 TOP_MODULES = ("pipeline.evaluate.eval_cli", "pipeline.evaluate.report_cli")
 
 
@@ -21,7 +21,7 @@ def _try_register(module: str, sub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="GPU benchmarks: kernels, decode speed")
+    bench = sub.add_parser("bench", help="GPU benchmarks: kernels, decode speed; their targets and plots")
     bench_sub = bench.add_subparsers(dest="bench_target", metavar="TARGET")
     for m in BENCH_MODULES:
         _try_register(m, bench_sub)
