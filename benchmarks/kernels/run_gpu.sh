@@ -13,7 +13,8 @@ for s in $STAGES; do
     info)
       stamp info
       nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
-      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
+      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+      python3 -c "import matplotlib; print('matplotlib', matplotlib.__version__)" 2>/dev/null || echo "no matplotlib: plots skipped" ;;
     tests)
       stamp tests
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider -n 8 -m "not timing" tests/kernels/test_gpu.py 2>&1 \
