@@ -510,7 +510,8 @@ def run(args) -> int:
         f.write(to_markdown(rows, meta) + "\n" + bench_report.section("decode", result))
     if rows:
         bench_report.save_plot(args.out, "decode", result)
-    print(bench_report.targets_line(bench_report.check(rows, "decode")), flush=True)
+    if not meta["whatif"]:
+        print(bench_report.targets_line(bench_report.check(rows, "decode")), flush=True)
     if args.profile:
         with open(os.path.join(args.out, "decode_profile.md"), "w") as f:
             f.write(profile_markdown(rows, meta))

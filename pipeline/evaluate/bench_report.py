@@ -249,8 +249,10 @@ def save_plot(out: str, name: str, run: dict) -> str | None:
 def section(name: str, run: dict) -> str:
     """The targets of one run as a Markdown section (appended to kernels.md / decode.md, and targets.md)."""
     meta = run.get("meta") or {}
-    return (f"## Targets ({name}: {meta.get('device', '?')}, {meta.get('date', '?')})\n\n"
-            + targets_markdown(check(run["rows"], name)))
+    head = f"## Targets ({name}: {meta.get('device', '?')}, {meta.get('date', '?')})\n\n"
+    if meta.get("whatif"):  # VLMQ_DECODE_WHATIF left kernels out of the step: its outputs are wrong
+        return head + f"Not judged: a what-if run (the step without {meta['whatif']}).\n"
+    return head + targets_markdown(check(run["rows"], name))
 
 
 def write_outputs(out: str, kernels: dict | None = None, decode: dict | None = None) -> list[str]:
@@ -309,6 +311,6 @@ def run(args: argparse.Namespace) -> int:
     for path in write_outputs(args.out, kernels, decode):
         print("wrote", path)
     for name, r in (("kernels", kernels), ("decode", decode)):
-        if r is not None:
+        if r is not None and not (r.get("meta") or {}).get("whatif"):
             print(f"{name}: {targets_line(check(r['rows'], name))}")
     return 0

@@ -66,6 +66,9 @@ def test_decode_targets_use_the_fp16_row_of_the_same_batch():
     assert got["decode batch 1, W4 with packed lm_head"].status == "not measured"
     md = bench_report.targets_markdown(list(got.values()))
     assert "w3 b1 **3.20x**" in md and "w4 b1 2.90x" in md
+    # a what-if step (kernels left out, wrong outputs) is never judged
+    whatif = bench_report.section("decode", {"meta": {"whatif": "attn"}, "rows": rows})
+    assert "Not judged" in whatif and "| met |" not in whatif
 
 
 def test_run15_records_agree_with_the_ratios_the_bench_stored():
