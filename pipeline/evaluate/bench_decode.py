@@ -19,7 +19,7 @@ on tensor cores; the fp16 baseline shares every glue kernel.
     python -m pipeline.evaluate.bench_decode --out bench-out   # batch 1 and 8: fp16, W4, W3, each packed variant
                                                                # with the lm_head fp16 and packed (+head)
 
-Writes ``decode.json``, ``decode.md`` (the table, then the issue's decode targets judged on it) and
+Writes ``decode.json``, ``decode.md`` (the table, then vlmq's decode targets judged on it) and
 ``decode.png`` (tokens/s per variant and batch, each bar labelled with its ratio to fp16).
 
 For experiments, ``VLMQ_DECODE_WHATIF=norm``, ``attn`` or ``norm,attn`` leaves the RMSNorms and/or the
@@ -508,8 +508,7 @@ def run(args) -> int:
     result = {"meta": meta, "rows": rows}
     with open(os.path.join(args.out, "decode.md"), "w") as f:
         f.write(to_markdown(rows, meta) + "\n" + bench_report.section("decode", result))
-    if rows:
-        bench_report.save_plot(args.out, "decode", result)
+    bench_report.save_plot(args.out, "decode", result)
     if not meta["whatif"]:
         print(bench_report.targets_line(bench_report.check(rows, "decode")), flush=True)
     if args.profile:

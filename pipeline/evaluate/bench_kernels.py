@@ -3,8 +3,9 @@
 Every time is the median over many replays of a CUDA graph holding several calls (launch gaps
 amortized), with weights rotated over enough copies to exceed L2. The byte floor of a row is
 (packed weight + x + y bytes) / copy bandwidth, the copy bandwidth (read + write) measured in
-the same run. Writes ``kernels.json``, ``kernels.md`` (the table, then the issue's speed targets
-judged on this run's rows) and ``kernels.png`` (speedup over cuBLAS against M, per shape) to ``--out``.
+the same run. Writes to ``--out``: ``kernels.json``; ``kernels.md``, the table, then vlmq's speed
+targets judged on this run's rows (`vlmq bench report --help` lists them); and ``kernels.png``, the
+speedup over cuBLAS against M, one panel per shape.
 Columns: µs; GB/s achieved (bytes moved / time); % of the byte floor; speedup over cuBLAS fp16.
 A row's ``[...]`` names the launch the autotuner picked for it.
 

@@ -158,7 +158,7 @@ def kernel_series(rows: list[Row]) -> dict[tuple[int, int], dict[str, list[tuple
     """Per shape (K, N), per kernel: (M, speedup vs cuBLAS fp16) sorted by M."""
     out: dict[tuple[int, int], dict[str, list[tuple[int, float]]]] = {}
     for r in rows:
-        name, sp = _series_name(r), vs_cublas(r, rows) if r.get("us") else None
+        name, sp = _series_name(r), vs_cublas(r, rows)
         if name is None or sp is None:
             continue
         out.setdefault((r["k"], r["n"]), {}).setdefault(name, []).append((r["m"], sp))
@@ -233,8 +233,10 @@ def plot_decode(rows: list[Row], meta: dict | None = None) -> Any:
 
 
 def save_plot(out: str, name: str, run: dict) -> str | None:
-    """``out/<name>.png`` for a kernels or decode run; None (with a message) where matplotlib is missing,
-    as on a bare GPU image: `vlmq bench report` draws it later from the JSON."""
+    """``out/<name>.png`` for a kernels or decode run. None for a run without rows, or (with a message)
+    where matplotlib is missing, as on a bare GPU image: `vlmq bench report` draws it later from the JSON."""
+    if not run["rows"]:
+        return None
     try:
         import matplotlib  # noqa: F401
     except ImportError:
